@@ -1,0 +1,15 @@
+"""Root pytest configuration.
+
+The notebooks run under nbval (`--nbval-lax`: every cell must execute without error; outputs are
+not compared) in the order 01 -> 04, sharing one work folder, with the `cpu-smoke` profile so all
+four take a few minutes on a 2-core CPU. Kernels inherit this process's environment, which is how
+the parameters reach them. Set MDGEN_PROFILE / MDGEN_WORK_DIR yourself to run them differently.
+"""
+
+import os
+import tempfile
+
+
+def pytest_configure(config):
+    os.environ.setdefault("MDGEN_PROFILE", "cpu-smoke")
+    os.environ.setdefault("MDGEN_WORK_DIR", tempfile.mkdtemp(prefix="mdgen-nbval-"))

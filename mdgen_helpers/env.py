@@ -1,0 +1,247 @@
+"""Where are we running, and what should we do about it?
+
+Kaggle-specific facts this module encodes (each learnt the hard way):
+- Datasets mount at `/kaggle/input/<slug>` on older images and at
+  `/kaggle/input/datasets/<owner>/<slug>` on newer ones, so inputs are found by marker files
+  (what a folder contains), never by hard-coded paths.
+- A T4 (compute capability 7.5) has no native bf16, although `torch.cuda.is_bf16_supported()`
+  may say otherwise: precision is chosen from the compute capability (>= 8.0 -> bf16, else fp16).
+- `accelerate.notebook_launcher` with torch >= 2.9 needs accelerate >= 1.14, and it refuses to
+  start once CUDA is initialised in the notebook process; the subprocess path
+  (`accelerate launch`) works everywhere.
+- /kaggle/working holds 20 GB; we warn before it is full rather than lose a checkpoint mid-write.
+Everything here works unchanged on a laptop (no GPU, no /kaggle).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_WORKING = Path("/kaggle/working")
+KAGGLE_WORKING_LIMIT_GB = 20.0
+
+# What identifies each kind of input (see kaggle_datasets/README.md for how each is produced).
+MARKERS = {
+    "helpers": "mdgen_bundle.json",          # helper package bundle (wheel + source)
+    "latents": "stats.safetensors",          # extraction output directory
+    "checkpoint": "ema.safetensors",         # training run directory
+    "data": "ID_1",                          # a data set with ID_k user folders
+}
+VAVAE_SUFFIXES = (".pt", ".ckpt", ".safetensors")
+
+
+@dataclass
+class GpuInfo:
+    index: int
+    name: str
+    capability: tuple[int, int]
+    memory_gb: float
+
+
+@dataclass
+class EnvInfo:
+    on_kaggle: bool
+    python: str
+    torch: str
+    accelerate: str
+    gpus: list[GpuInfo] = field(default_factory=list)
+    precision: str = "no"
+    launcher: str = "in-process"
+    launcher_reason: str = ""
+    working_dir: str = "."
+    working_free_gb: float | None = None
+    working_used_gb: float | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def on_kaggle() -> bool:
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or KAGGLE_WORKING.is_dir()
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def gpu_info() -> list[GpuInfo]:
+    """GPU list without initialising CUDA in this process where avoidable.
+
+    `torch.cuda.device_count()` uses NVML and leaves CUDA uninitialised, but
+    `get_device_properties` initialises it; notebook_launcher needs an uninitialised parent, so
+    we read properties through NVML when the parent must stay clean.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    count = torch.cuda.device_count()
+    try:
+        import pynvml  # shipped with the CUDA builds of torch on Kaggle as nvidia-ml-py
+
+        pynvml.nvmlInit()
+        for i in range(count):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30
+            gpus.append(GpuInfo(i, name, (int(major), int(minor)), round(mem, 1)))
+        return gpus
+    except Exception:
+        pass
+    for i in range(count):
+        p = torch.cuda.get_device_properties(i)
+        gpus.append(GpuInfo(i, p.name, (p.major, p.minor), round(p.total_memory / 2**30, 1)))
+    return gpus
+
+
+def choose_precision(gpus: list[GpuInfo] | None = None) -> str:
+    """Accelerate mixed-precision mode: 'bf16' on compute capability >= 8.0, 'fp16' on older GPUs
+    (T4, P100, V100: with a grad scaler), 'no' (fp32) on CPU.
+
+    Decided by compute capability, never by `torch.cuda.is_bf16_supported()`, which reports True
+    on a T4 where bf16 is emulated and slow.
+    """
+    gpus = gpu_info() if gpus is None else gpus
+    if not gpus:
+        return "no"
+    return "bf16" if min(g.capability for g in gpus) >= (8, 0) else "fp16"
+
+
+def notebook_launcher_status(num_processes: int) -> tuple[str, str]:
+    """('in-process' | 'notebook_launcher' | 'subprocess', reason) for training from a notebook."""
+    import accelerate
+    import torch
+
+    if num_processes <= 1:
+        return "in-process", "one process: training runs in this kernel"
+    torch_v, acc_v = _version_tuple(torch.__version__), _version_tuple(accelerate.__version__)
+    if torch_v >= (2, 9) and acc_v < (1, 14):
+        return "subprocess", (
+            f"accelerate {accelerate.__version__} predates the notebook_launcher fix for torch "
+            f"{torch.__version__} (needs accelerate >= 1.14): using `accelerate launch` in a subprocess"
+        )
+    if torch.cuda.is_initialized():
+        return "subprocess", (
+            "CUDA is already initialised in this kernel (a cell touched the GPU), which "
+            "notebook_launcher refuses: using `accelerate launch` in a subprocess"
+        )
+    return "notebook_launcher", f"accelerate {accelerate.__version__} + torch {torch.__version__}: notebook_launcher"
+
+
+def disk_usage(path: str | os.PathLike) -> tuple[float, float]:
+    """(used_gb, free_gb) of the tree at `path` and its file system."""
+    path = Path(path)
+    used = 0
+    if path.is_dir():
+        for root, _, files in os.walk(path):
+            for f in files:
+                try:
+                    used += os.path.getsize(os.path.join(root, f))
+                except OSError:
+                    pass
+    free = shutil.disk_usage(path if path.exists() else Path.cwd()).free
+    return used / 2**30, free / 2**30
+
+
+def check_working_space(path: str | os.PathLike = KAGGLE_WORKING, limit_gb: float = KAGGLE_WORKING_LIMIT_GB,
+                        warn_fraction: float = 0.85) -> str | None:
+    """A warning string when the output folder nears Kaggle's 20 GB limit, else None."""
+    if not Path(path).exists():
+        return None
+    used, free = disk_usage(path)
+    if used >= warn_fraction * limit_gb or free < 2.0:
+        return (f"{path} holds {used:.1f} GB of its {limit_gb:.0f} GB limit ({free:.1f} GB free on disk): "
+                "delete old checkpoints (train --keep_last) or previews before the next save")
+    return None
+
+
+def find_inputs(roots: list[str | os.PathLike] | None = None, max_depth: int = 5) -> dict[str, list[Path]]:
+    """Attached inputs by kind, found by marker files under the input roots.
+
+    Works for both Kaggle layouts (`/kaggle/input/<slug>/...` and
+    `/kaggle/input/datasets/<owner>/<slug>/...`) and any local folder passed in `roots`.
+    Kinds: helpers, latents, checkpoint, data (dirs), vavae (files).
+    """
+    roots = [Path(r) for r in (roots if roots is not None else [KAGGLE_INPUT])]
+    found: dict[str, list[Path]] = {k: [] for k in (*MARKERS, "vavae")}
+    for root in roots:
+        if not root.is_dir():
+            continue
+        base_depth = len(root.parts)
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            depth = len(here.parts) - base_depth
+            names = set(filenames) | set(dirnames)
+            for kind, marker in MARKERS.items():
+                if marker in names and (kind != "data" or (here / marker).is_dir()):
+                    found[kind].append(here)
+            for f in filenames:
+                low = f.lower()
+                if "vavae" in low and low.endswith(VAVAE_SUFFIXES):
+                    found["vavae"].append(here / f)
+            # do not descend into data sets or run folders: they can hold thousands of files
+            if depth >= max_depth or any(here in v for v in (found["data"], found["latents"], found["checkpoint"])):
+                dirnames[:] = []
+            dirnames.sort()
+    return {k: sorted(set(v)) for k, v in found.items()}
+
+
+def detect(working_dir: str | os.PathLike | None = None, num_processes: int | None = None) -> EnvInfo:
+    import platform
+
+    import accelerate
+    import torch
+
+    gpus = gpu_info()
+    nproc = num_processes if num_processes is not None else max(1, len(gpus))
+    launcher, reason = notebook_launcher_status(nproc)
+    wd = Path(working_dir) if working_dir else (KAGGLE_WORKING if on_kaggle() else Path.cwd())
+    used, free = disk_usage(wd) if wd.exists() and on_kaggle() else (None, shutil.disk_usage(Path.cwd()).free / 2**30)
+    return EnvInfo(
+        on_kaggle=on_kaggle(), python=platform.python_version(), torch=torch.__version__,
+        accelerate=accelerate.__version__, gpus=gpus, precision=choose_precision(gpus),
+        launcher=launcher, launcher_reason=reason, working_dir=str(wd),
+        working_free_gb=None if free is None else round(free, 1),
+        working_used_gb=None if used is None else round(used, 2),
+    )
+
+
+def default_profile_name(info: EnvInfo | None = None) -> str:
+    """kaggle-t4x2 on a GPU machine, cpu-demo elsewhere."""
+    info = info or detect()
+    return "kaggle-t4x2" if info.gpus else "cpu-demo"
+
+
+def summary(info: EnvInfo | None = None) -> str:
+    """The one environment summary printed at the top of every notebook."""
+    info = info or detect()
+    lines = [
+        f"platform   : {'Kaggle' if info.on_kaggle else 'local'} (python {info.python}, torch {info.torch}, accelerate {info.accelerate})",
+    ]
+    if info.gpus:
+        for g in info.gpus:
+            lines.append(f"gpu {g.index}      : {g.name}, compute capability {g.capability[0]}.{g.capability[1]}, {g.memory_gb} GB")
+    else:
+        lines.append("gpu        : none (CPU run: use the cpu-smoke / cpu-demo profiles)")
+    lines.append(f"precision  : {info.precision} (chosen by compute capability)")
+    lines.append(f"training   : {info.launcher} - {info.launcher_reason}")
+    if info.working_free_gb is not None:
+        used = f"{info.working_used_gb} GB used, " if info.working_used_gb is not None else ""
+        lines.append(f"working dir: {info.working_dir} ({used}{info.working_free_gb} GB free)")
+    warning = check_working_space(info.working_dir) if info.on_kaggle else None
+    if warning:
+        lines.append(f"WARNING    : {warning}")
+    return "\n".join(lines)
