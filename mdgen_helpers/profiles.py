@@ -8,7 +8,9 @@ override) from environment variables, which is how CI and the demo drive them he
 
 Profiles:
 - `cpu-smoke`: the smallest run that still executes every code path (CI, a few minutes for all
-  four notebooks on 2 cores). Its numbers mean nothing.
+  four notebooks on 2 cores). Its tokenizer is a tiny randomly initialised VA-VAE written in the
+  official `.pt` layout, so CI runs the real checkpoint-loading path (notebook 01 also fits the
+  stand-in to compare). Its numbers mean nothing.
 - `cpu-demo`: the main job on a fresh machine: simulated users, stand-in tokenizer, tiny
   LightningDiT, the whole series on 2 CPU cores in about ten minutes, with quality that is
   measured (recognisability of generated images by a real-trained classifier).
@@ -32,7 +34,8 @@ class Profile:
     sim_seed: int = 0
     split_seed: int = 0
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    # tokenizer: "standin" fits the weight-free stand-in; anything else is a VA-VAE checkpoint path
+    # tokenizer: "standin" (fit the weight-free stand-in), "vavae" (a checkpoint path must be given),
+    # "random-vavae" (a tiny random VA-VAE in the official layout: exercises the loader, for CI)
     tokenizer: str = "standin"
     extract_batch_size: int = 32
     num_workers: int = 2
@@ -74,7 +77,7 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "cpu-smoke": Profile(
-        name="cpu-smoke", sim_users=4, sim_per_user=12, preset="tiny", batch_size=16, max_steps=30,
+        name="cpu-smoke", tokenizer="random-vavae", sim_users=4, sim_per_user=12, preset="tiny", batch_size=16, max_steps=30,
         warmup_steps=5, log_every=5, val_every=15, ckpt_every=15, num_samples_per_user=2, num_steps=4,
         solver="euler", guidance_sweep=(1.0, 4.0), gen_batch_size=16, eval_image_size=32, eval_epochs=2,
         eval_seeds=(0,), synthetic_per_user=(0, 2), num_workers=0,

@@ -1,0 +1,574 @@
+"""Generate spectrograms of chosen users: ODE sampling with classifier-free guidance, decoding, files.
+
+    python -m mdgen_helpers generate --dit_checkpoint RUN --vavae_path TOK --output_dir GEN \
+        --user_ids 1 2 3 --num_samples_per_user 4 --guidance_scale 4.0 --num_steps 250
+
+Everything the sampler needs (EMA weights, model config, user map, latent statistics, tokenizer
+identity) comes from the checkpoint, so nothing is guessed. Output, in GEN/:
+- `micro_doppler_user01_001.png` ... (user id and sample index are 1-based, as users speak),
+- `micro_doppler_grid.png` (rows = users),
+- `manifest.json` (checkpoint hash, every sampling setting, each image's seed),
+- with `--export_dataset`, `dataset/ID_k/gen_0001.jpg` in the real data set's layout.
+
+Reproducibility: image k of user u starts from noise drawn on the CPU by its own torch.Generator
+seeded with `image_seed(base_seed, u, k)`, a pure function. The output therefore does not depend
+on the batch size, on how many processes share the work, or on the order of the work, and one
+image can be regenerated alone from the manifest (`regenerate_image`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mdgen_helpers import io
+from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, MdgenError
+from mdgen_helpers.users import UserMap
+
+MANIFEST_NAME = "manifest.json"
+GRID_NAME = "micro_doppler_grid.png"
+EMA_NAME = "ema.safetensors"
+SOLVERS = {"euler": "euler", "heun": "heun", "dopri5": "dopri5", "adaptive": "dopri5"}
+REQUIRED_METADATA = ("model_config", "user_map", "tokenizer", "latent_mean", "latent_std")
+GRID_MAX_COLUMNS = 8
+
+
+class UnknownUserError(MdgenError):
+    """A requested user id is not one the model was trained on."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Generator:
+    """A trained model and what it needs to sample: everything read from its checkpoint."""
+
+    model: torch.nn.Module
+    user_map: UserMap
+    latent_mean: torch.Tensor  # (C,), on CPU
+    latent_std: torch.Tensor  # (C,), on CPU
+    tokenizer_identity: str
+    model_config: dict[str, Any]
+    latent_shape: tuple[int, int, int]
+    checkpoint_path: Path
+    checkpoint_sha256: str
+    step: int | None = None
+    split_hash: str | None = None
+    train_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_users(self) -> int:
+        return self.user_map.num_users
+
+    def labels_of_users(self, user_ids: Sequence[int]) -> list[int]:
+        """Class labels of 1-based user ids; refuses ids the model was not trained on."""
+        labels = []
+        for uid in user_ids:
+            if isinstance(uid, bool) or int(uid) != uid or int(uid) not in self.user_map.user_ids:
+                raise UnknownUserError(
+                    f"user id {uid!r} is not one this model was trained on; trained user ids: "
+                    f"{describe_ids(self.user_map.user_ids)} ({self.num_users} users, 1-based like "
+                    f"the ID_k folders). Pick user ids from that range."
+                )
+            labels.append(self.user_map.label_of_user(int(uid)))
+        return labels
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A RUN directory or its ema.safetensors -> the ema.safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EMA_NAME
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path.parent} has no {EMA_NAME}; pass a finished training run directory "
+                f"(python -m mdgen_helpers train ...) or the path of its {EMA_NAME}."
+            )
+    elif not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a RUN directory or its {EMA_NAME}.")
+    return path
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+    """Load the EMA weights and the metadata train.py stored with them; the model is in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from mdgen_helpers.dit import LightningDiT
+
+    path = resolve_checkpoint(path)
+    try:
+        meta = io.load_safetensors_metadata(path)
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); pass RUN/{EMA_NAME}.") from None
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks the metadata {missing} that train.py writes into {EMA_NAME}; it is not an "
+            f"mdgen EMA checkpoint (official LightningDiT weights need conversion through train.py)."
+        )
+    user_map = UserMap.from_json(meta["user_map"])
+    mean = torch.tensor(meta["latent_mean"], dtype=torch.float32)
+    std = torch.tensor(meta["latent_std"], dtype=torch.float32)
+    cfg = dict(meta["model_config"])
+    if "num_classes" in cfg and int(cfg["num_classes"]) != user_map.num_users:
+        raise CheckpointError(
+            f"{path}: model_config has num_classes={cfg['num_classes']} but the user map has "
+            f"{user_map.num_users} users; the checkpoint is inconsistent, retrain or re-export it."
+        )
+    model = LightningDiT.from_config(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match its model_config: {str(e)[:500]}") from None
+    model.eval().requires_grad_(False).to(device)
+    size = int(cfg.get("input_size", 16))
+    channels = int(cfg.get("in_channels", mean.numel()))
+    if mean.numel() != channels or std.numel() != channels:
+        raise CheckpointError(f"{path}: latent statistics have {mean.numel()} channels, the model {channels}.")
+    return Generator(
+        model=model,
+        user_map=user_map,
+        latent_mean=mean,
+        latent_std=std,
+        tokenizer_identity=str(meta["tokenizer"]),
+        model_config=cfg,
+        latent_shape=(channels, size, size),
+        checkpoint_path=path,
+        checkpoint_sha256=io.sha256_file(path),
+        step=meta.get("step"),
+        split_hash=meta.get("split_hash"),
+        train_config=meta.get("train_config") or {},
+    )
+
+
+def check_tokenizer(gen: Generator, tokenizer) -> None:
+    """Latents only mean something to the tokenizer that made the training latents."""
+    if tokenizer.identity != gen.tokenizer_identity:
+        raise ArtifactMismatchError(
+            f"tokenizer mismatch: the model at {gen.checkpoint_path} was trained on latents of "
+            f"tokenizer {gen.tokenizer_identity!r}, but {tokenizer.identity!r} was given. Pass the "
+            f"same tokenizer file that `extract` used (--vavae_path / --tokenizer)."
+        )
+
+
+def describe_ids(ids: Sequence[int]) -> str:
+    ids = sorted(int(i) for i in ids)
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}..{ids[-1]}"
+    return ", ".join(map(str, ids))
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds and sampling
+
+
+def image_seed(base_seed: int, user_id: int, sample_index: int) -> int:
+    """Seed of image `sample_index` (1-based) of user `user_id`: a pure, platform-stable function.
+
+    sha256 rather than Python's hash() (salted per process) or arithmetic (collides easily).
+    """
+    digest = hashlib.sha256(f"mdgen-image:{int(base_seed)}:{int(user_id)}:{int(sample_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: a valid torch seed
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device: str | torch.device = "cpu") -> torch.Tensor:
+    """One CPU generator per image, so each image's noise is the same whatever batch it is in."""
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device)
+
+
+def normalize_solver(solver: str) -> str:
+    try:
+        return SOLVERS[solver]
+    except KeyError:
+        raise MdgenError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}") from None
+
+
+@torch.no_grad()
+def sample_latents(
+    gen: Generator,
+    user_ids: Sequence[int],
+    seeds: Sequence[int],
+    guidance_scale: float = 4.0,
+    num_steps: int = 250,
+    solver: str = "euler",
+    timestep_shift: float = 0.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    batch_size: int = 16,
+    progress: bool = False,
+    return_nfe: bool = False,
+):
+    """Denormalised latents (z * std + mean), shape (N, C, H, W) on the CPU, one per (user, seed).
+
+    Batches only group work: every image has its own noise and guidance is per sample, so the
+    result equals sampling each image alone (up to float round-off of batched kernels). The
+    adaptive solver (dopri5) picks its steps from an error norm over the whole batch, which would
+    make an image depend on its batch mates; it therefore integrates each image on its own.
+    With `return_nfe`, also a list with each image's number of model evaluations.
+    """
+    from tqdm.auto import tqdm
+
+    from mdgen_helpers.dit import null_label
+    from mdgen_helpers.flow import guided_velocity, sample_ode
+
+    if len(user_ids) != len(seeds):
+        raise MdgenError(f"sample_latents: {len(user_ids)} user ids but {len(seeds)} seeds")
+    if num_steps < 1:
+        raise MdgenError(f"num_steps must be >= 1, got {num_steps}")
+    if batch_size < 1:
+        raise MdgenError(f"batch_size must be >= 1, got {batch_size}")
+    start_t, end_t = (float(v) for v in guidance_interval)
+    if not 0.0 <= start_t <= end_t <= 1.0:
+        raise MdgenError(f"guidance_interval must satisfy 0 <= START <= END <= 1 (t=0 noise, t=1 data), got {guidance_interval}")
+    method = normalize_solver(solver)
+    labels = gen.labels_of_users(user_ids)
+    null = null_label(gen.num_users)
+    device = gen.device
+    mean = gen.latent_mean.view(-1, 1, 1)
+    std = gen.latent_std.view(-1, 1, 1)
+    ode_batch = 1 if method == "dopri5" else batch_size
+    out, nfes = [], []
+    starts = range(0, len(labels), ode_batch)
+    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2):
+        x0 = initial_noise(seeds[start : start + ode_batch], gen.latent_shape, device)
+        y = torch.tensor(labels[start : start + ode_batch], dtype=torch.long, device=device)
+        velocity = guided_velocity(gen.model, y, float(guidance_scale), null, interval=tuple(guidance_interval))
+        x1, nfe = sample_ode(velocity, x0, int(num_steps), method=method, timestep_shift=float(timestep_shift))
+        out.append(x1.float().cpu() * std + mean)
+        nfes.extend([int(nfe)] * len(y))
+    latents = torch.cat(out) if out else torch.empty((0, *gen.latent_shape))
+    return (latents, nfes) if return_nfe else latents
+
+
+@torch.no_grad()
+def decode_to_uint8(tokenizer, latents: torch.Tensor, batch_size: int = 16, device=None) -> torch.Tensor:
+    """Decode latents in batches to uint8 images (N, 3, H, W) on the CPU."""
+    device = device if device is not None else _tokenizer_device(tokenizer)
+    images = []
+    for start in range(0, len(latents), batch_size):
+        x = tokenizer.decode(latents[start : start + batch_size].to(device)).float().cpu()
+        images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    return torch.cat(images) if images else torch.empty((0, 3, 256, 256), dtype=torch.uint8)
+
+
+def _tokenizer_device(tokenizer) -> torch.device:
+    dev = getattr(tokenizer, "device", None)
+    if dev is not None:
+        return torch.device(dev)
+    params = getattr(tokenizer, "parameters", None)
+    if callable(params):
+        first = next(iter(params()), None)
+        if first is not None:
+            return first.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def image_name(user_id: int, sample_index: int) -> str:
+    return f"micro_doppler_user{int(user_id):02d}_{int(sample_index):03d}.png"
+
+
+def export_name(sample_index: int) -> str:
+    return f"gen_{int(sample_index):04d}.jpg"
+
+
+def _encode(image: torch.Tensor, fmt: str, **kw) -> bytes:
+    """uint8 (3, H, W) -> file bytes with PIL (torchvision's image I/O is deprecated since 0.29)."""
+    import io as pyio
+
+    from PIL import Image
+
+    buf = pyio.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB").save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def write_png(path: Path, image: torch.Tensor) -> None:
+    io.atomic_write_bytes(path, _encode(image, "PNG"))
+
+
+def write_dataset_jpeg(path: Path, image: torch.Tensor) -> None:
+    """256x256 RGB JPEG q95: the format of the real data set, so loaders need no glue."""
+    if tuple(image.shape[-2:]) != (256, 256):
+        from torchvision.transforms.functional import resize
+
+        image = resize(image, [256, 256], antialias=True)
+    io.atomic_write_bytes(path, _encode(image, "JPEG", quality=95))
+
+
+def read_png(path: str | Path) -> torch.Tensor:
+    """uint8 (3, H, W) of a written image."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class SamplingSettings:
+    """Every setting that changes the pixels (batch_size is recorded but does not)."""
+
+    guidance_scale: float = 4.0
+    num_steps: int = 250
+    solver: str = "euler"
+    timestep_shift: float = 0.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    seed: int = 0
+    batch_size: int = 16
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "guidance_scale": float(self.guidance_scale),
+            "num_steps": int(self.num_steps),
+            "solver": normalize_solver(self.solver),
+            "timestep_shift": float(self.timestep_shift),
+            "guidance_interval": [float(v) for v in self.guidance_interval],
+            "seed": int(self.seed),
+            "batch_size": int(self.batch_size),
+            "guidance_channels": "all",
+            "seed_rule": "image_seed = int.from_bytes(sha256(f'mdgen-image:{seed}:{user_id}:{k}')[:8], 'little') >> 1",
+            "noise": "torch.randn(latent_shape, generator=torch.Generator('cpu').manual_seed(image_seed))",
+        }
+
+
+def generate_images(
+    gen: Generator,
+    tokenizer,
+    output_dir: str | Path,
+    user_ids: Sequence[int] | None = None,
+    num_samples_per_user: int = 4,
+    settings: SamplingSettings | None = None,
+    export_dataset: bool = False,
+    tokenizer_path: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sample, decode and write images, grid and manifest; returns the manifest.
+
+    Work is split over Accelerate processes (`accelerate launch` or notebook_launcher); each
+    process writes its own images, the main process gathers the records and writes the grid and
+    manifest. A single process is the same code path with one shard.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    settings = settings or SamplingSettings()
+    normalize_solver(settings.solver)
+    if settings.batch_size < 1 or settings.num_steps < 1:
+        raise MdgenError(f"batch_size and num_steps must be >= 1, got {settings.batch_size} and {settings.num_steps}")
+    check_tokenizer(gen, tokenizer)
+    user_ids = list(gen.user_map.user_ids if user_ids is None else user_ids)
+    if not user_ids:
+        raise MdgenError("no user ids given")
+    if len(set(user_ids)) != len(user_ids):
+        raise MdgenError(f"user ids repeat: {user_ids}")
+    if num_samples_per_user < 1:
+        raise MdgenError(f"num_samples_per_user must be >= 1, got {num_samples_per_user}")
+    gen.labels_of_users(user_ids)  # refuse bad ids before any work
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    jobs = [
+        (uid, k, image_seed(settings.seed, uid, k)) for uid in user_ids for k in range(1, num_samples_per_user + 1)
+    ]
+    state = PartialState(cpu=gen.device.type == "cpu")  # cpu=True: several CPU processes use gloo
+    started = time.time()
+    with state.split_between_processes(jobs) as my_jobs:
+        records = _generate_shard(gen, tokenizer, out, list(my_jobs), settings, export_dataset, progress and state.is_main_process)
+    records = gather_object(records) if state.num_processes > 1 else records
+    state.wait_for_everyone()
+    manifest: dict[str, Any] = {}
+    if state.is_main_process:
+        records = sorted(records, key=lambda r: (user_ids.index(r["user_id"]), r["sample_index"]))
+        grid = _write_grid(out, records, user_ids, settings)
+        batches: dict[str, list[str]] = {}
+        for r in records:
+            batches.setdefault(r["batch"], []).append(r["file"])
+        manifest = {
+            "checkpoint": str(gen.checkpoint_path),
+            "checkpoint_sha256": gen.checkpoint_sha256,
+            "checkpoint_step": gen.step,
+            "split_hash": gen.split_hash,
+            "tokenizer": gen.tokenizer_identity,
+            "tokenizer_path": tokenizer_path,
+            "user_map": gen.user_map.to_json(),
+            "latent_shape": list(gen.latent_shape),
+            "settings": settings.to_json(),
+            "user_ids": [int(u) for u in user_ids],
+            "num_samples_per_user": int(num_samples_per_user),
+            "images": records,
+            "batches": batches,
+            "grid": grid,
+            "dataset_dir": "dataset" if export_dataset else None,
+            "num_processes": state.num_processes,
+            "seconds": round(time.time() - started, 3),
+        }
+        io.atomic_write_json(out / MANIFEST_NAME, manifest)
+    state.wait_for_everyone()
+    return manifest
+
+
+def _generate_shard(gen, tokenizer, out: Path, jobs, settings: SamplingSettings, export: bool, progress: bool):
+    """Sample and decode this process's jobs batch by batch; write each image as soon as it exists."""
+    from tqdm.auto import tqdm
+
+    from accelerate import PartialState
+
+    rank = PartialState(cpu=gen.device.type == "cpu").process_index
+    records = []
+    bs = settings.batch_size
+    for b, start in enumerate(tqdm(range(0, len(jobs), bs), desc="generating", unit="batch", disable=not progress)):
+        batch = jobs[start : start + bs]
+        latents, nfes = sample_latents(
+            gen,
+            [j[0] for j in batch],
+            [j[2] for j in batch],
+            guidance_scale=settings.guidance_scale,
+            num_steps=settings.num_steps,
+            solver=settings.solver,
+            timestep_shift=settings.timestep_shift,
+            guidance_interval=settings.guidance_interval,
+            batch_size=bs,
+            return_nfe=True,
+        )
+        images = decode_to_uint8(tokenizer, latents, batch_size=bs)
+        for (uid, k, seed), image, nfe in zip(batch, images, nfes):
+            name = image_name(uid, k)
+            write_png(out / name, image)
+            record = {"file": name, "user_id": int(uid), "sample_index": int(k), "seed": int(seed), "nfe": nfe,
+                      "batch": f"p{rank}b{b}"}
+            if export:
+                folder = gen.user_map.folder_of_label(gen.user_map.label_of_user(uid))
+                rel = f"dataset/{folder}/{export_name(k)}"
+                write_dataset_jpeg(out / rel, image)
+                record["dataset_file"] = rel
+            records.append(record)
+    return records
+
+
+def _write_grid(out: Path, records, user_ids, settings: SamplingSettings) -> str:
+    """Rows = users (labelled), up to GRID_MAX_COLUMNS samples each, read back from the PNGs."""
+    from mdgen_helpers.viz import save_figure, user_grid
+
+    by_user: dict[int, list] = {uid: [] for uid in user_ids}
+    for r in records:
+        if len(by_user[r["user_id"]]) < GRID_MAX_COLUMNS:
+            by_user[r["user_id"]].append(read_png(out / r["file"]).permute(1, 2, 0).numpy())
+    title = (
+        f"generated: guidance {settings.guidance_scale:g}, {settings.num_steps} steps "
+        f"{normalize_solver(settings.solver)}, seed {settings.seed}"
+    )
+    save_figure(user_grid(by_user, title), out / GRID_NAME)
+    return GRID_NAME
+
+
+def regenerate_image(gen: Generator, tokenizer, manifest: dict[str, Any] | str | Path, file_name: str,
+                     exact: bool = True) -> torch.Tensor:
+    """Recompute one image of a manifest, as uint8 (3, H, W).
+
+    Its noise depends only on its seed, so sampling it alone gives the same image up to float
+    round-off: batched CPU/GPU kernels (gemv for one row, gemm for several) sum in a different
+    order, about 1e-6 in the latents, which can move a rare pixel by one grey level. With
+    `exact=True` the image's original batch (recorded in the manifest) is re-sampled, which gives
+    the same bytes on the same kind of device; `exact=False` samples the image alone (faster).
+    """
+    if not isinstance(manifest, dict):
+        manifest = io.read_json(manifest)
+    if manifest["checkpoint_sha256"] != gen.checkpoint_sha256:
+        raise ArtifactMismatchError(
+            f"the manifest was made with checkpoint sha256 {manifest['checkpoint_sha256'][:12]}..., "
+            f"this generator is {gen.checkpoint_sha256[:12]}... ({gen.checkpoint_path})"
+        )
+    check_tokenizer(gen, tokenizer)
+    by_file = {r["file"]: r for r in manifest["images"]}
+    if file_name not in by_file:
+        raise MdgenError(f"{file_name} is not listed in the manifest")
+    files = manifest["batches"][by_file[file_name]["batch"]] if exact else [file_name]
+    records = [by_file[f] for f in files]
+    s = manifest["settings"]
+    latents = sample_latents(
+        gen,
+        [r["user_id"] for r in records],
+        [r["seed"] for r in records],
+        guidance_scale=s["guidance_scale"],
+        num_steps=s["num_steps"],
+        solver=s["solver"],
+        timestep_shift=s["timestep_shift"],
+        guidance_interval=tuple(s["guidance_interval"]),
+        batch_size=len(records),
+    )
+    return decode_to_uint8(tokenizer, latents, batch_size=len(records))[files.index(file_name)]
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--dit_checkpoint", required=True, help="training RUN directory or its ema.safetensors")
+    parser.add_argument(
+        "--vavae_path", "--tokenizer", dest="tokenizer", required=True,
+        help="tokenizer file the model was trained with (VA-VAE checkpoint or stand-in .safetensors)",
+    )
+    parser.add_argument("--output_dir", required=True, help="folder for the PNGs, grid and manifest.json")
+    parser.add_argument("--user_ids", type=int, nargs="+", default=None, help="1-based user ids (default: all)")
+    parser.add_argument("--num_samples_per_user", type=int, default=4)
+    parser.add_argument("--guidance_scale", type=float, default=4.0, help="1 = no guidance (conditional model)")
+    parser.add_argument("--num_steps", type=int, default=250, help="ODE steps: euler does this many model calls, heun twice as many, dopri5 starts "
+        "with step 1/num_steps and adapts (the official sampler's N grid points are N-1 steps)")
+    parser.add_argument("--solver", choices=sorted(SOLVERS), default="euler", help="adaptive = dopri5")
+    parser.add_argument("--timestep_shift", type=float, default=0.0)
+    parser.add_argument(
+        "--guidance_interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
+        help="apply guidance only for t in [START, END] (t=0 noise, t=1 data)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--export_dataset", action="store_true", help="also write dataset/ID_k/gen_NNNN.jpg")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... for one process (default: Accelerate's device for each process)")
+    parser.add_argument("--no_progress", action="store_true")
+
+
+def cli_main(args) -> int:
+    from accelerate import PartialState
+
+    from mdgen_helpers.tokenizers import load_tokenizer
+
+    # Under `accelerate launch` / torchrun each process gets its own device from Accelerate.
+    device = torch.device(args.device) if args.device else PartialState(cpu=not torch.cuda.is_available()).device
+    gen = load_generator(args.dit_checkpoint, device)
+    if not Path(args.tokenizer).exists():
+        raise MdgenError(f"tokenizer file {args.tokenizer} does not exist")
+    tokenizer = load_tokenizer(args.tokenizer, device)
+    settings = SamplingSettings(
+        guidance_scale=args.guidance_scale,
+        num_steps=args.num_steps,
+        solver=args.solver,
+        timestep_shift=args.timestep_shift,
+        guidance_interval=tuple(args.guidance_interval),
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    manifest = generate_images(
+        gen, tokenizer, args.output_dir, args.user_ids, args.num_samples_per_user, settings,
+        export_dataset=args.export_dataset, tokenizer_path=str(args.tokenizer), progress=not args.no_progress,
+    )
+    if manifest:
+        print(f"wrote {len(manifest['images'])} images, {GRID_NAME} and {MANIFEST_NAME} to {args.output_dir}")
+    return 0

@@ -1,0 +1,464 @@
+"""The stages in order, each skipped when its inputs have not changed: one code path for the
+notebooks and for `python -m mdgen_helpers pipeline`.
+
+    python -m mdgen_helpers pipeline --data_dir D --vavae_path P --output_dir O --batch_size 32 \
+        --max_epochs 50 --devices 2 --generate_user_ids 1 2 3 4 5 --num_samples_per_user 4
+
+A work folder (`RunPaths`) holds every artifact of one run:
+
+    WORK/data/                  simulated data set (only when no --data_dir is given)
+    WORK/split.json             the one persisted split (+ validation.json)
+    WORK/tokenizer.safetensors  the fitted stand-in tokenizer (when no VA-VAE is given)
+    WORK/latents/               {train,val,test,stats}.safetensors
+    WORK/run/                   ema.safetensors, config.json, checkpoints/, metrics.jsonl, previews/
+    WORK/generated/             micro_doppler_userNN_KKK.png, grid, manifest.json, dataset/ID_k/
+    WORK/evaluation/            metrics.json and figures
+
+A few-shot regime (`--few_shot K`) is a run of its own in WORK/fewshot_K/ whose split keeps K
+training images per user (val/test unchanged): tokenizer fit, latents, generator, all see only
+those K images, so its augmentation gain is honest.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mdgen_helpers import io
+from mdgen_helpers.errors import MdgenError
+from mdgen_helpers.profiles import Profile, get_profile
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    data = property(lambda self: self.root / "data")
+    split = property(lambda self: self.root / "split.json")
+    tokenizer = property(lambda self: self.root / "tokenizer.safetensors")
+    random_vavae = property(lambda self: self.root / "vavae_random_ch32.pt")
+    latents = property(lambda self: self.root / "latents")
+    run = property(lambda self: self.root / "run")
+    generated = property(lambda self: self.root / "generated")
+    evaluation = property(lambda self: self.root / "evaluation")
+    report = property(lambda self: self.root / "report.html")
+
+    def few_shot(self, k: int) -> "RunPaths":
+        return RunPaths(self.root / f"fewshot_{int(k):02d}")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+def resolve_inputs(data_dir: str | None = None, vavae_path: str | None = None) -> tuple[str | None, str | None]:
+    """Explicit paths win; on Kaggle, empty ones are filled from the attached datasets."""
+    from mdgen_helpers import env
+
+    data_dir = data_dir or None
+    vavae_path = vavae_path or None
+    if env.on_kaggle() and (data_dir is None or vavae_path is None):
+        found = env.find_inputs()
+        if data_dir is None and found["data"]:
+            data_dir = str(found["data"][0])
+        if vavae_path is None and found["vavae"]:
+            vavae_path = str(found["vavae"][0])
+    return data_dir, vavae_path
+
+
+def ensure_data(paths: RunPaths, profile: Profile, data_dir: str | None = None, progress: bool = True) -> Path:
+    """The data folder: `data_dir` if given, else a simulated set in WORK/data (reused when its
+    users.json says it was made with the same settings)."""
+    if data_dir:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise MdgenError(f"data folder {data_dir} does not exist; pass the folder that holds ID_1, ID_2, ...")
+        return data_dir
+    from mdgen_helpers import simulate
+
+    users_json = paths.data / "users.json"
+    wanted = {"num_users": profile.sim_users, "per_user": profile.sim_per_user, "seed": profile.sim_seed}
+    if users_json.is_file():
+        have = io.read_json(users_json)
+        if all(have.get(k) == v for k, v in wanted.items()):
+            print(f"simulated data set in {paths.data} is up to date ({profile.sim_users} users x {profile.sim_per_user})")
+            return paths.data
+        raise MdgenError(f"{paths.data} holds a simulated set made with other settings "
+                         f"({ {k: have.get(k) for k in wanted} }, wanted {wanted}); use another work folder or delete it")
+    simulate.simulate_dataset(paths.data, profile.sim_users, profile.sim_per_user, seed=profile.sim_seed, progress=progress)
+    return paths.data
+
+
+def prepare_split(paths: RunPaths, profile: Profile, data_dir: str | Path, few_shot: int | None = None,
+                  full_split_path: str | Path | None = None):
+    """The persisted split (created once, then only loaded and checked against the files).
+
+    With `few_shot=K`, the split of the parent run is subsampled to K training images per user
+    and saved in this run's folder.
+    """
+    from mdgen_helpers import data
+
+    if not few_shot:
+        return data.ensure_split(data_dir, paths.split, seed=profile.split_seed, fractions=profile.split_fractions)
+    full = data.ensure_split(data_dir, full_split_path, seed=profile.split_seed, fractions=profile.split_fractions)
+    sub = data.subsample_split(full, int(few_shot), seed=profile.split_seed)
+    if paths.split.is_file():
+        old = data.load_split(paths.split)
+        if old.hash == sub.hash:
+            return old
+    data.save_split(sub, paths.split)
+    return sub
+
+
+def tokenizer_path(paths: RunPaths, profile: Profile, vavae_path: str | None = None) -> Path:
+    if vavae_path:
+        return Path(vavae_path)
+    if profile.tokenizer == "standin":
+        return paths.tokenizer
+    if profile.tokenizer == "random-vavae":
+        return paths.random_vavae
+    raise MdgenError(f"profile {profile.name!r} uses a VA-VAE tokenizer: pass its checkpoint "
+                     "(VAVAE_PATH in the notebook, --vavae_path on the command line; on Kaggle attach the "
+                     "vavae-f16d32 dataset)")
+
+
+def prepare_tokenizer(paths: RunPaths, profile: Profile, data_dir, split, vavae_path: str | None = None,
+                      device: str = "cpu"):
+    """Load the VA-VAE, or fit (once per split) the stand-in, or write the CI's random VA-VAE.
+
+    `random-vavae` (profile cpu-smoke) is a tiny randomly initialised VA-VAE saved in the official
+    `.pt` layout: its latents mean nothing, but the real checkpoint-loading path runs in CI.
+    """
+    from mdgen_helpers import tokenizers
+
+    path = tokenizer_path(paths, profile, vavae_path)
+    if not vavae_path and profile.tokenizer == "standin":
+        return tokenizers.ensure_standin(data_dir, split, path, seed=profile.split_seed, device=device)
+    if not vavae_path and profile.tokenizer == "random-vavae" and not path.is_file():
+        from mdgen_helpers import vavae
+
+        vavae.write_random_checkpoint(path, seed=0, ch=32)
+    return tokenizers.load_tokenizer(path, device=device)
+
+
+def extract(paths: RunPaths, profile: Profile, data_dir, split, tokenizer, progress: bool = True) -> dict:
+    from mdgen_helpers import latents
+
+    return latents.extract_latents(data_dir, split, tokenizer, paths.latents, batch_size=profile.extract_batch_size,
+                                   num_workers=profile.num_workers, progress=progress)
+
+
+# --------------------------------------------------------------------------------------------
+# Training, generation, evaluation
+# --------------------------------------------------------------------------------------------
+
+def train_config(paths: RunPaths, profile: Profile, tokenizer_file: str | Path | None = None, **overrides):
+    """The TrainConfig a profile implies (overrides win)."""
+    from mdgen_helpers.train import TrainConfig
+
+    cfg = TrainConfig(
+        latent_dir=str(paths.latents), output_dir=str(paths.run), preset=profile.preset,
+        batch_size=profile.batch_size, max_steps=profile.max_steps, max_epochs=profile.max_epochs, lr=profile.lr,
+        warmup_steps=profile.warmup_steps, ema_decay=profile.ema_decay, label_dropout=profile.label_dropout,
+        precision=profile.precision, devices=profile.devices, log_every=profile.log_every, val_every=profile.val_every,
+        ckpt_every=profile.ckpt_every, preview_every=profile.preview_every, time_budget=profile.time_budget_h,
+        tokenizer=str(tokenizer_file) if tokenizer_file else None, resume=True,
+    )
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise MdgenError(f"unknown training setting {key!r}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def generation_settings(profile: Profile, **overrides):
+    from mdgen_helpers.generate import SamplingSettings
+
+    settings = SamplingSettings(guidance_scale=profile.guidance_scale, num_steps=profile.num_steps,
+                                solver=profile.solver, timestep_shift=profile.timestep_shift,
+                                seed=0, batch_size=profile.gen_batch_size)
+    for key, value in overrides.items():
+        setattr(settings, key, value)
+    return settings
+
+
+def generate(paths: RunPaths, profile: Profile, tokenizer_file, user_ids=None, num_samples_per_user=None,
+             export_dataset: bool = True, device: str | None = None, progress: bool = True, **settings_overrides) -> dict:
+    """Generate per-user images into WORK/generated; skipped when its manifest already records
+    the same checkpoint, tokenizer and settings."""
+    from mdgen_helpers import generate as gen_mod
+    from mdgen_helpers import tokenizers
+
+    device = device or ("cuda" if _cuda() else "cpu")
+    gen = gen_mod.load_generator(paths.run, device=device)
+    settings = generation_settings(profile, **settings_overrides)
+    n = int(num_samples_per_user or profile.num_samples_per_user)
+    users = list(user_ids) if user_ids else list(gen.user_map.user_ids)
+    manifest_path = paths.generated / "manifest.json"
+    if manifest_path.is_file():
+        old = io.read_json(manifest_path)
+        same = (old.get("checkpoint_sha256") == gen.checkpoint_sha256 and old.get("settings") == settings.to_json()
+                and old.get("user_ids") == users and old.get("num_samples_per_user") == n
+                and bool(old.get("dataset_dir")) == export_dataset)
+        if same:
+            print(f"generation in {paths.generated} is up to date ({len(old['images'])} images)")
+            return old
+    tok = tokenizers.load_tokenizer(tokenizer_file, device=device)
+    return gen_mod.generate_images(gen, tok, paths.generated, users, n, settings, export_dataset=export_dataset,
+                                   tokenizer_path=str(tokenizer_file), progress=progress)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None = None, vavae_path: str | None = None,
+                 few_shot: int | None = None, user_ids=None, num_samples_per_user: int | None = None,
+                 evaluate: bool = False, train_overrides: dict | None = None) -> dict:
+    """simulate (if needed) -> split -> tokenizer -> extract -> train -> generate [-> evaluate]."""
+    from mdgen_helpers import train
+
+    base = RunPaths(output_dir)
+    paths = base.few_shot(few_shot) if few_shot else base
+    data_dir, vavae_path = resolve_inputs(data_dir, vavae_path)
+    print(f"[pipeline] work folder {paths.root} (profile {profile.name})", flush=True)
+    data_dir = ensure_data(base, profile, data_dir)
+    split = prepare_split(paths, profile, data_dir, few_shot=few_shot, full_split_path=base.split)
+    print(f"[pipeline] split {split.hash[:12]}: {split.format_counts().splitlines()[-1] if split.format_counts() else ''}")
+    device = "cuda" if _cuda() else "cpu"
+    tok = prepare_tokenizer(paths, profile, data_dir, split, vavae_path, device=device)
+    print(f"[pipeline] tokenizer {tok.identity}", flush=True)
+    status = extract(paths, profile, data_dir, split, tok)
+    print(f"[pipeline] latents: {status}", flush=True)
+    del tok
+    tok_file = tokenizer_path(paths, profile, vavae_path)
+    cfg = train_config(paths, profile, tok_file, **(train_overrides or {}))
+    result = train.launch_training(cfg, num_processes=cfg.devices)
+    print(f"[pipeline] training: {result}", flush=True)
+    manifest = generate(paths, profile, tok_file, user_ids=user_ids, num_samples_per_user=num_samples_per_user)
+    out = {"work_dir": str(paths.root), "split_hash": split.hash, "latents": status, "train": result,
+           "generated": str(paths.generated), "num_images": len(manifest.get("images", []))}
+    if evaluate:
+        from mdgen_helpers import evaluate as ev
+
+        metrics = ev.evaluate(ev.EvalConfig(data_dir=str(data_dir), split=str(base.split),
+                                            generated_dir=str(paths.generated / "dataset"),
+                                            output_dir=str(paths.evaluation)))
+        out["evaluation"] = str(paths.evaluation / "metrics.json")
+        print(ev.format_table(ev.headline_table(metrics)))
+    return out
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--profile", default=os.environ.get("MDGEN_PROFILE", "cpu-demo"),
+                        help="cpu-smoke, cpu-demo (default) or kaggle-t4x2: every default below comes from it")
+    parser.add_argument("--data_dir", help="ID_1..ID_N folders (default: simulate the profile's users)")
+    parser.add_argument("--vavae_path", help="VA-VAE checkpoint (default: the profile's tokenizer)")
+    parser.add_argument("--output_dir", required=True, help="work folder for every artifact of the run")
+    parser.add_argument("--batch_size", type=int)
+    parser.add_argument("--max_epochs", type=int)
+    parser.add_argument("--max_steps", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--preset", help="LightningDiT preset, e.g. tiny, S/2, B/1")
+    parser.add_argument("--devices", type=int, help="GPUs for training (Accelerate)")
+    parser.add_argument("--precision", help="auto, no, fp16, bf16")
+    parser.add_argument("--generate_user_ids", type=int, nargs="*", help="1-based user ids (default: all)")
+    parser.add_argument("--num_samples_per_user", type=int)
+    parser.add_argument("--guidance_scale", type=float)
+    parser.add_argument("--num_steps", type=int)
+    parser.add_argument("--few_shot", type=int, help="train the generator on only K real images per user")
+    parser.add_argument("--evaluate", action="store_true", help="also run the evaluation suite")
+
+
+def cli_main(args) -> int:
+    fields = ("batch_size", "max_epochs", "max_steps", "lr", "preset", "devices", "precision",
+              "num_samples_per_user", "guidance_scale", "num_steps")
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    profile = get_profile(args.profile, **overrides)
+    result = run_pipeline(profile, args.output_dir, args.data_dir, args.vavae_path, few_shot=args.few_shot,
+                          user_ids=args.generate_user_ids, evaluate=args.evaluate)
+    print(f"[pipeline] done: {result['num_images']} images in {result['generated']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers for the notebooks' figures
+# --------------------------------------------------------------------------------------------
+
+def examples_by_user(data_dir, split, part: str = "train", per_user: int = 4, max_users: int = 8,
+                     user_ids=None) -> dict[int, list]:
+    """The first `per_user` images of each user in a split part, as {user_id: [tensor, ...]}."""
+    from mdgen_helpers import data
+
+    wanted = list(user_ids) if user_ids else list(split.user_map.user_ids)[:max_users]
+    out: dict[int, list] = {u: [] for u in wanted}
+    for rel, label in zip(split.files(part), split.labels(part)):
+        uid = split.user_map.user_of_label(label)
+        if uid in out and len(out[uid]) < per_user:
+            out[uid].append(data.load_image(Path(data_dir) / rel))
+    return out
+
+
+def generated_by_user(generated_dir, per_user: int = 4, user_ids=None) -> dict[int, list]:
+    """Generated PNGs listed in a manifest, as {user_id: [uint8 HxWx3 array, ...]}."""
+    from mdgen_helpers.generate import read_png
+
+    manifest = io.read_json(Path(generated_dir) / "manifest.json")
+    wanted = set(user_ids) if user_ids else None
+    out: dict[int, list] = {}
+    for rec in manifest["images"]:
+        uid = int(rec["user_id"])
+        if (wanted is None or uid in wanted) and len(out.setdefault(uid, [])) < per_user:
+            out[uid].append(read_png(Path(generated_dir) / rec["file"]).permute(1, 2, 0).numpy())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Finding a previous stage's output (local work folder first, then attached Kaggle datasets)
+# --------------------------------------------------------------------------------------------
+
+def find_latents(paths: RunPaths) -> Path:
+    """WORK/latents if notebook 01 ran here, else an attached `mdgen-latents` dataset."""
+    from mdgen_helpers import env
+
+    if (paths.latents / "stats.safetensors").is_file():
+        return paths.latents
+    found = env.find_inputs()["latents"] if env.on_kaggle() else []
+    if found:
+        return found[0]
+    raise MdgenError(f"no latents in {paths.latents}: run notebook 01 (or `python -m mdgen_helpers extract`) first, "
+                     "or on Kaggle attach the dataset made from notebook 01's output (mdgen-latents)")
+
+
+def find_tokenizer(paths: RunPaths, profile: Profile, vavae_path: str | None = None) -> Path | None:
+    """The tokenizer file of this run, or None when it is not here (previews are then skipped)."""
+    _, vavae_path = resolve_inputs(None, vavae_path)
+    try:
+        path = tokenizer_path(paths, profile, vavae_path)
+    except MdgenError:
+        return None
+    return path if path.is_file() else None
+
+
+def adopt_previous_run(paths: RunPaths, source: str | None = None) -> Path | None:
+    """Copy a previous session's run (e.g. the read-only attached `mdgen-checkpoints`) into
+    WORK/run so training resumes from its newest complete checkpoint. Nothing is copied when
+    WORK/run already has a checkpoint of its own. Returns the source used, or None."""
+    import shutil
+
+    from mdgen_helpers import env, train
+
+    if train.latest_checkpoint(paths.run) is not None:
+        return None
+    candidates = [Path(source)] if source else (env.find_inputs()["checkpoint"] if env.on_kaggle() else [])
+    for src in candidates:
+        newest = train.latest_checkpoint(src)
+        if newest is None:
+            continue
+        paths.run.mkdir(parents=True, exist_ok=True)
+        for name in ("ema.safetensors", "config.json", "metrics.jsonl"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, paths.run / name)
+        dst = paths.run / newest.relative_to(src)
+        tmp = dst.with_name(".tmp_copy_" + dst.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(newest, tmp)
+        tmp.rename(dst)
+        return src
+    if source:
+        raise MdgenError(f"{source} holds no complete checkpoint (checkpoints/step_*/complete.json) to resume from")
+    return None
+
+
+def describe_training(cfg) -> str:
+    """Data size per user, model size and the step budget, before any training work."""
+    from mdgen_helpers import dit, latents
+
+    train_set = latents.load_latents(cfg.latent_dir, "train")
+    val_set = latents.load_latents(cfg.latent_dir, "val")
+    um = train_set.user_map
+    per_user = {um.user_of_label(int(l)): int((train_set.labels == l).sum()) for l in train_set.labels.unique()}
+    model = dit.build_model(cfg.preset, um.num_users, **(cfg.model_overrides or {}))
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines = [
+        f"users      : {um.num_users} (ids {um.user_ids[0]}..{um.user_ids[-1]})",
+        f"latents    : {len(train_set.labels)} train, {len(val_set.labels)} val, shape {tuple(train_set.latents.shape[1:])}",
+        f"per user   : min {min(per_user.values())}, max {max(per_user.values())} train latents",
+        f"model      : LightningDiT {cfg.preset}, {params / 1e6:.2f} M trainable parameters",
+        f"training   : batch {cfg.batch_size}/process, lr {cfg.lr}, max_steps {cfg.max_steps}, max_epochs {cfg.max_epochs}, "
+        f"EMA {cfg.ema_decay}, label dropout {cfg.label_dropout}, precision {cfg.precision}",
+    ]
+    return "\n".join(lines)
+
+
+def latest_preview(paths: RunPaths):
+    """The newest preview grid written during training, for display; None when there is none."""
+    previews = sorted((paths.run / "previews").glob("*.png"))
+    if not previews:
+        print("no preview grids (set preview_every > 0 and give a tokenizer to get them)")
+        return None
+    from IPython.display import Image
+
+    return Image(filename=str(previews[-1]))
+
+
+def reconstruction_check(paths: RunPaths, profile: Profile, data_dir, split, tokenizer, per_user: int = 4) -> dict:
+    """Encode + decode validation images of every user: PSNR/SSIM per user.
+
+    When the tokenizer in use is not the stand-in (a VA-VAE), the stand-in is fitted too and both
+    are reported side by side: it tells whether the ImageNet VA-VAE serves these spectrograms
+    better than a linear codec fitted on them.
+    """
+    import dataclasses
+
+    from mdgen_helpers import data, tokenizers
+
+    part = "val" if split.files("val") else "train"
+    dataset = data.ImageDataset(data_dir, split, part)
+    candidates = {tokenizer.identity: tokenizer}
+    if not tokenizer.identity.startswith("mdgen-standin"):
+        standin = prepare_tokenizer(paths, dataclasses.replace(profile, tokenizer="standin"), data_dir, split)
+        candidates[standin.identity] = standin
+    reports = {name: tokenizers.reconstruction_report(tok, dataset, per_user=per_user, user_map=split.user_map)
+               for name, tok in candidates.items()}
+    names = list(reports)
+    lines = [f"{part} reconstruction, PSNR dB / SSIM per user", "user  " + "  ".join(f"{n[:34]:>34}" for n in names)]
+    for uid in reports[names[0]]["per_user"]:
+        cells = [f"{reports[n]['per_user'][uid]['psnr']:6.2f} / {reports[n]['per_user'][uid]['ssim']:.3f}" for n in names]
+        lines.append(f"{uid:>4}  " + "  ".join(f"{c:>34}" for c in cells))
+    lines.append("all   " + "  ".join(f"{reports[n]['psnr']:6.2f} / {reports[n]['ssim']:.3f}".rjust(34) for n in names))
+    return {"reports": reports, "table": "\n".join(lines), "in_use": tokenizer.identity}
+
+
+def eval_config(paths: RunPaths, profile: Profile, data_dir, **overrides):
+    """The evaluation a profile implies: classifier reused from WORK/evaluation when present,
+    generated set from WORK/generated, few-shot regimes from WORK/fewshot_K/generated if run."""
+    from mdgen_helpers.evaluate import EvalConfig
+
+    few = {int(k): str(paths.few_shot(k).generated) for k in profile.few_shot
+           if (paths.few_shot(k).generated / "manifest.json").is_file()}
+    cfg = EvalConfig(
+        data_dir=str(data_dir), split=str(paths.split), output_dir=str(paths.evaluation),
+        generated_dir=str(paths.generated) if (paths.generated / "manifest.json").is_file() else None,
+        classifier=str(paths.evaluation / "classifier.safetensors"), epochs=profile.eval_epochs,
+        seeds=tuple(profile.eval_seeds), synthetic_per_user=tuple(profile.synthetic_per_user),
+        few_shot=tuple(profile.few_shot), few_shot_generated=few, image_size=profile.eval_image_size,
+    )
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise MdgenError(f"unknown evaluation setting {key!r}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def show_figures(metrics: dict, out_dir) -> list:
+    """The evaluation's saved figures, for display in a notebook (one IPython Image each)."""
+    from IPython.display import Image
+
+    return [Image(filename=str(Path(out_dir) / name)) for name in metrics.get("figures", [])]

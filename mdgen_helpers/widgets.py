@@ -1,0 +1,191 @@
+"""Guidance in notebooks: an inline grid, a static sweep figure, and a slider explorer.
+
+Guidance strength is tuned by eye (the origin project swung between scales 1, 7 and 10), so the
+notebook offers sliders. Kaggle's "Save & Run All" executes notebooks headless, where nobody
+moves a slider, so every figure the report needs comes from a plain function
+(`render_guidance_grid`, `guidance_sweep_figure`); the explorer only calls the same function.
+
+All three take a loaded `generate.Generator` and the tokenizer it was trained with.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Sequence
+
+from mdgen_helpers.generate import (
+    Generator,
+    check_tokenizer,
+    decode_to_uint8,
+    image_seed,
+    normalize_solver,
+    sample_latents,
+)
+
+SOLVER_CHOICES = ("euler", "heun", "dopri5")
+STEP_CHOICES = (10, 25, 50, 100, 250)
+
+
+def _sample_images(gen, tokenizer, user_ids, num_samples, guidance_scale, num_steps, seed, solver,
+                   timestep_shift, guidance_interval, batch_size):
+    """uint8 HWC arrays per user; seeds follow generate.image_seed, so a grid image equals the
+    file `generate` writes for the same seed and settings."""
+    jobs = [(u, k) for u in user_ids for k in range(1, num_samples + 1)]
+    latents = sample_latents(
+        gen, [u for u, _ in jobs], [image_seed(seed, u, k) for u, k in jobs],
+        guidance_scale=guidance_scale, num_steps=num_steps, solver=solver, timestep_shift=timestep_shift,
+        guidance_interval=guidance_interval, batch_size=batch_size,
+    )
+    images = decode_to_uint8(tokenizer, latents, batch_size=batch_size)
+    by_user: dict[int, list] = {int(u): [] for u in user_ids}
+    for (u, _), img in zip(jobs, images):
+        by_user[int(u)].append(img.permute(1, 2, 0).numpy())
+    return by_user
+
+
+def render_guidance_grid(
+    gen: Generator,
+    tokenizer,
+    user_ids: Sequence[int],
+    guidance_scale: float = 4.0,
+    num_steps: int = 25,
+    seed: int = 0,
+    num_samples: int = 4,
+    solver: str = "heun",
+    timestep_shift: float = 0.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    batch_size: int = 16,
+):
+    """Grid (rows = users, `num_samples` columns) at one guidance setting, for inline display."""
+    from mdgen_helpers.viz import user_grid
+
+    check_tokenizer(gen, tokenizer)
+    by_user = _sample_images(gen, tokenizer, list(user_ids), num_samples, guidance_scale, num_steps, seed,
+                             solver, timestep_shift, guidance_interval, batch_size)
+    title = f"guidance {guidance_scale:g}, {num_steps} steps {normalize_solver(solver)}, seed {seed}"
+    return user_grid(by_user, title)
+
+
+def guidance_sweep_figure(
+    gen: Generator,
+    tokenizer,
+    user_ids: Sequence[int],
+    scales: Sequence[float] = (1.0, 2.0, 4.0, 7.0),
+    num_steps: int = 25,
+    seed: int = 0,
+    solver: str = "heun",
+    timestep_shift: float = 0.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    batch_size: int = 16,
+):
+    """Rows = users, columns = guidance scales, same noise in every column (sample 1 of each
+    user), so the only thing that changes along a row is the guidance: the headless figure for
+    the report."""
+    from matplotlib.figure import Figure
+
+    check_tokenizer(gen, tokenizer)
+    user_ids = [int(u) for u in user_ids]
+    columns = []
+    for scale in scales:
+        by_user = _sample_images(gen, tokenizer, user_ids, 1, scale, num_steps, seed, solver, timestep_shift,
+                                 guidance_interval, batch_size)
+        columns.append(by_user)
+    rows, cols = len(user_ids), len(scales)
+    fig = Figure(figsize=(1.9 * cols + 0.6, 1.9 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for c, (scale, by_user) in enumerate(zip(scales, columns)):
+        for r, uid in enumerate(user_ids):
+            ax = axes[r][c]
+            ax.imshow(by_user[uid][0], aspect="auto", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"guidance {scale:g}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"user {uid}", fontsize=9)
+    fig.suptitle(f"effect of guidance: {num_steps} steps {normalize_solver(solver)}, seed {seed}", fontsize=10)
+    return fig
+
+
+class RenderCache:
+    """Least-recently-used dict of rendered figures keyed by the settings that produced them, so
+    moving a slider back to a value seen before shows its figure at once."""
+
+    def __init__(self, render: Callable[..., Any], max_entries: int = 16):
+        self.render = render
+        self.max_entries = max_entries
+        self.entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(**settings) -> tuple:
+        return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in settings.items()))
+
+    def get(self, **settings):
+        key = self.key(**settings)
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        value = self.render(**settings)
+        self.entries[key] = value
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def guidance_explorer(gen: Generator, tokenizer, user_ids: Sequence[int] | None = None, num_samples: int = 4,
+                      guidance_scale: float = 4.0, num_steps: int = 25, seed: int = 0, solver: str = "heun",
+                      cache_size: int = 16, batch_size: int = 16):
+    """An ipywidgets panel: users, guidance slider, steps, seed, solver; figures are cached per
+    setting. Returns a `VBox` with `.controls` (dict of widgets), `.output`, `.cache` and
+    `.update()` (re-render from the current control values)."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    check_tokenizer(gen, tokenizer)
+    all_users = list(gen.user_map.user_ids)
+    chosen = [int(u) for u in (user_ids if user_ids is not None else all_users[:4])]
+    gen.labels_of_users(chosen)
+
+    def render(users, guidance_scale, num_steps, seed, solver):
+        return render_guidance_grid(gen, tokenizer, list(users), guidance_scale, num_steps, seed,
+                                    num_samples=num_samples, solver=solver, batch_size=batch_size)
+
+    controls = {
+        "users": w.SelectMultiple(options=all_users, value=tuple(chosen), description="users", rows=min(6, len(all_users))),
+        "guidance_scale": w.FloatSlider(value=float(guidance_scale), min=1.0, max=10.0, step=0.5, description="guidance",
+                                        continuous_update=False),
+        "num_steps": w.Dropdown(options=sorted({*STEP_CHOICES, int(num_steps)}), value=int(num_steps), description="steps"),
+        "seed": w.IntText(value=int(seed), description="seed"),
+        "solver": w.Dropdown(options=list(SOLVER_CHOICES), value=normalize_solver(solver), description="solver"),
+    }
+    output = w.Output()
+    cache = RenderCache(render, cache_size)
+    status = w.HTML()
+
+    def update(change=None):
+        settings = {name: c.value for name, c in controls.items()}
+        if not settings["users"]:
+            status.value = "choose at least one user"
+            return None
+        status.value = "rendering..."
+        fig = cache.get(**settings)
+        status.value = f"cached settings: {len(cache)} (hits {cache.hits}, renders {cache.misses})"
+        with output:
+            output.clear_output(wait=True)
+            display(fig)
+        return fig
+
+    for c in controls.values():
+        c.observe(update, names="value")
+    panel = w.VBox([w.HBox([controls["users"], w.VBox([controls[k] for k in ("guidance_scale", "num_steps", "seed", "solver")])]),
+                    status, output])
+    panel.controls, panel.output, panel.cache, panel.update = controls, output, cache, update
+    update()
+    return panel
