@@ -9,7 +9,8 @@ zero-initialised output layers so the velocity field is not trivially zero). Spe
 evaluation does not depend on the weights, but the adaptive solver's step count does: dopri5
 figures on random weights say little about a trained model (pass --checkpoint for those).
 "With decoding" fits the weight-free stand-in tokenizer on synthetic images (no data needed),
-unless --tokenizer is given. Timings on a shared CPU are noisy: compare within one run.
+unless --tokenizer is given. Timings on a shared CPU are noisy: compare within one run, and pass
+--threads 1 there (two OpenMP threads on two busy cores spin-wait; it was 20x slower here).
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
-"""Time validate_dataset + make_split on 4,650 synthetic 256x256 JPEGs (15 users x 310)."""
-import io, sys, time
+"""Time validate_dataset + make_split on 4,650 synthetic 256x256 JPEGs (15 users x 310).
+
+    python benchmarks/bench_validation.py [DATA_DIR]   # default /tmp/mdgen_bench_validation (made if missing)
+"""
+import sys, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from mdgen_helpers import data
 
-root = Path(sys.argv[1])
+root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/mdgen_bench_validation")
 if not root.exists():
     rng = np.random.default_rng(0)
     base = (np.add.outer(np.arange(256), np.arange(256)) % 256).astype(np.uint8)

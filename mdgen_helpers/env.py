@@ -107,6 +107,15 @@ def gpu_info() -> list[GpuInfo]:
     return gpus
 
 
+def mixed_precision_for(capability: tuple[int, int]) -> str:
+    """'bf16' on CUDA compute capability >= 8.0 (A100, H100, ...), 'fp16' below (T4 is 7.5, P100 6.0).
+
+    The one place this rule lives: `torch.cuda.is_bf16_supported()` says True on a T4, where bf16
+    is emulated and slow, so it is never consulted.
+    """
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
 def choose_precision(gpus: list[GpuInfo] | None = None) -> str:
     """Accelerate mixed-precision mode: 'bf16' on compute capability >= 8.0, 'fp16' on older GPUs
     (T4, P100, V100: with a grad scaler), 'no' (fp32) on CPU.
@@ -117,7 +126,7 @@ def choose_precision(gpus: list[GpuInfo] | None = None) -> str:
     gpus = gpu_info() if gpus is None else gpus
     if not gpus:
         return "no"
-    return "bf16" if min(g.capability for g in gpus) >= (8, 0) else "fp16"
+    return mixed_precision_for(min(g.capability for g in gpus))
 
 
 def notebook_launcher_status(num_processes: int) -> tuple[str, str]:

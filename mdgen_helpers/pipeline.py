@@ -162,6 +162,7 @@ def train_config(paths: RunPaths, profile: Profile, tokenizer_file: str | Path |
 
     cfg = TrainConfig(
         latent_dir=str(paths.latents), output_dir=str(paths.run), preset=profile.preset,
+        model_overrides=dict(profile.model_overrides),
         batch_size=profile.batch_size, max_steps=profile.max_steps, max_epochs=profile.max_epochs, lr=profile.lr,
         warmup_steps=profile.warmup_steps, ema_decay=profile.ema_decay, label_dropout=profile.label_dropout,
         precision=profile.precision, devices=profile.devices, log_every=profile.log_every, val_every=profile.val_every,

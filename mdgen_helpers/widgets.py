@@ -146,7 +146,6 @@ def guidance_explorer(gen: Generator, tokenizer, user_ids: Sequence[int] | None 
     setting. Returns a `VBox` with `.controls` (dict of widgets), `.output`, `.cache` and
     `.update()` (re-render from the current control values)."""
     import ipywidgets as w
-    from IPython.display import display
 
     check_tokenizer(gen, tokenizer)
     all_users = list(gen.user_map.user_ids)
@@ -177,9 +176,11 @@ def guidance_explorer(gen: Generator, tokenizer, user_ids: Sequence[int] | None 
         status.value = "rendering..."
         fig = cache.get(**settings)
         status.value = f"cached settings: {len(cache)} (hits {cache.hits}, renders {cache.misses})"
-        with output:
-            output.clear_output(wait=True)
-            display(fig)
+        # Set the Output widget's content directly rather than capturing `display` inside
+        # `with output:`: the capture path made headless nbclient runs wait until their cell
+        # timeout after the cell had finished; this path behaves the same in a browser.
+        output.outputs = ()
+        output.append_display_data(fig)
         return fig
 
     for c in controls.values():

@@ -310,3 +310,19 @@ def test_init_from_official_lightningdit_weights(ldir, tmp_path):
     ema = load_file(str(out / "ema.safetensors"))
     w0 = ref["weights.blocks.0.attn.qkv.weight"]
     assert (ema["blocks.0.attn.qkv.weight"] - w0).abs().max() < 0.05
+
+
+def test_ema_warmup_tracks_short_runs_and_caps_at_decay():
+    from mdgen_helpers.train import ema_decay_at, ema_update_fn
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 80) == pytest.approx(0.9)
+    assert ema_decay_at(0.999, 100_000) == 0.999
+    assert ema_decay_at(0.999, 5, warmup=False) == 0.999
+    # after 300 updates towards a fixed target the warmed-up EMA is there; the plain 0.999 one is not
+    for warmup, close in ((True, True), (False, False)):
+        ema, target = [torch.zeros(3)], [torch.ones(3)]
+        update = ema_update_fn(0.999, warmup)
+        for n in range(1, 301):
+            update(ema, target, torch.tensor(n))
+        assert bool(torch.allclose(ema[0], target[0], atol=1e-3)) is close
