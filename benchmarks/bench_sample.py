@@ -47,7 +47,7 @@ def standin_tokenizer(seed: int = 0):
 
     g = torch.Generator().manual_seed(seed)
     low = torch.nn.functional.interpolate(torch.randn(8, 3, 16, 16, generator=g), size=256, mode="bilinear")
-    return fit_standin(list(torch.tanh(low + 0.3 * torch.randn(8, 3, 256, 256, generator=g))), num_images=8, progress=False)
+    return fit_standin(list(torch.tanh(low + 0.3 * torch.randn(8, 3, 256, 256, generator=g))), num_images=8, progress=False, kind="rgb-pca")
 
 
 def main() -> None:

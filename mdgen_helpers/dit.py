@@ -639,6 +639,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: 
             f"{source} does not fit this LightningDiT ({'; '.join(parts)}). Build the model with the "
             "checkpoint's architecture (dit.infer_arch(state_dict) reads it) and the right num_classes."
         )
+    # Non-strict only when the caller asked for it (strict=False): load what fits, return the rest.
     ok = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(ok, strict=False)
     return report

@@ -326,6 +326,8 @@ def build_classifier(num_classes: int, pretrained: str | None = None, seed: int 
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        # strict=False only for the classifier head: fc.* is replaced (1000 ImageNet classes -> our
+        # users); every other key must match, which the check below enforces.
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
             raise CheckpointError(f"{path} is not a torchvision ResNet-18 state dict (missing {missing[:4]}, "
@@ -335,9 +337,12 @@ def build_classifier(num_classes: int, pretrained: str | None = None, seed: int 
 
 def _autocast(device: torch.device):
     """fp16 on GPUs below compute capability 8.0 (T4), bf16 from 8.0; no autocast on CPU."""
+    from mdgen_helpers.env import mixed_precision_for
+
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    mode = mixed_precision_for(torch.cuda.get_device_capability(device))
+    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 def _features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

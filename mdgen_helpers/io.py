@@ -12,7 +12,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _umask() -> int:
@@ -58,7 +61,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def atomic_save_safetensors(
-    tensors: Mapping[str, "torch.Tensor"],  # noqa: F821
+    tensors: Mapping[str, "torch.Tensor"],
     path: str | os.PathLike,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:

@@ -14,7 +14,6 @@ everything under kaggle_datasets/).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess

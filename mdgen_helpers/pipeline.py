@@ -239,7 +239,13 @@ def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None 
     print(f"[pipeline] latents: {status}", flush=True)
     del tok
     tok_file = tokenizer_path(paths, profile, vavae_path)
-    cfg = train_config(paths, profile, tok_file, **(train_overrides or {}))
+    train_overrides = dict(train_overrides or {})
+    n_train = len(split.files("train"))
+    if "batch_size" not in train_overrides and profile.batch_size * profile.devices > n_train:
+        # a few-shot regime can hold fewer latents than one batch: use them all in every step
+        train_overrides["batch_size"] = max(1, n_train // max(1, profile.devices))
+        print(f"[pipeline] batch size {profile.batch_size} > {n_train} train latents: using {train_overrides['batch_size']}")
+    cfg = train_config(paths, profile, tok_file, **train_overrides)
     result = train.launch_training(cfg, num_processes=cfg.devices)
     print(f"[pipeline] training: {result}", flush=True)
     manifest = generate(paths, profile, tok_file, user_ids=user_ids, num_samples_per_user=num_samples_per_user)

@@ -33,7 +33,7 @@ import io
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -516,7 +516,6 @@ def simulate_signal(user: UserParams, radar: RadarConfig, rng: np.random.Generat
                     ranges: NuisanceRanges = NuisanceRanges()):
     """Complex baseband of the walker alone (T,), plus the truth needed to check the image."""
     n = radar.n_samples
-    t = np.arange(n) / radar.prf_hz
     speed = user.speed_mps * nuisance.speed_scale
     g = gait_timing(user.height_m, speed, user.stride_factor, user.stance_shift)
     cadence = g["cadence_hz"] * nuisance.cadence_scale

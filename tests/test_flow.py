@@ -16,25 +16,7 @@ from mdgen_helpers import flow
 from mdgen_helpers.dit import LightningDiT, load_weights, null_label
 from mdgen_helpers.errors import MdgenError
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 VARIANTS = ["small_p1_swiglu_rope_rms", "small_p2_qknorm_wo_shift", "small_p2_plain"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread; on a CPU shared with other jobs, extra OpenMP
-    threads mostly spin (a 1 s test took 37 s with 2 threads under load). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ref_dir() -> Path:
-    if not REF.is_dir():
-        pytest.skip(f"reference vectors folder {REF} is absent (it is the repo's sibling ../shared/reference)")
-    return REF
 
 
 def official_model(ref_dir: Path, variant: str):

@@ -5,7 +5,6 @@ read-offs the evaluation uses), against the ground truth the simulator reports.
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

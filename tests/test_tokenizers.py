@@ -16,15 +16,6 @@ from mdgen_helpers.tokenizers import (ColormapPCATokenizer, PatchPCATokenizer, V
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread, as the other test modules do."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     """3 simulated users x 8 spectrograms, their split and the RGB stand-in fitted on train."""

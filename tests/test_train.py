@@ -25,15 +25,6 @@ TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2}
 SHAPE = (32, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny models on a shared 2-core machine run ~30x slower with two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_latents(out: Path, n_train=8, n_val=4, users=2, tokenizer="standin-pca:test", split_hash="split-A",
                   seed=0, stats=True, val_split_hash=None, val_is_train=False) -> Path:
     """A latent directory as `latents.extract_latents` writes it: structured per-user latents."""
@@ -277,7 +268,7 @@ def test_preview_grid_is_decoded_with_the_stand_in_tokenizer(tmp_path):
     from mdgen_helpers.tokenizers import fit_standin
 
     g = torch.Generator().manual_seed(0)
-    tok = fit_standin(torch.rand((4, 3, 256, 256), generator=g) * 2 - 1, num_images=4, progress=False)
+    tok = fit_standin(torch.rand((4, 3, 256, 256), generator=g) * 2 - 1, num_images=4, progress=False, kind="rgb-pca")
     tok.save(tmp_path / "tok.safetensors")
     ld = write_latents(tmp_path / "lat", tokenizer=tok.identity)
     out = tmp_path / "run"
