@@ -238,23 +238,39 @@ def _ddp_worker(cfg_json):
     from accelerate.state import AcceleratorState
 
     torch.set_num_threads(1)
-    # The forked worker inherits this test process's single-process Accelerate state: drop it.
+    # A fresh (spawned) worker has no Accelerate state yet; resetting keeps it safe under fork too.
     AcceleratorState._reset_state(reset_partial_state=True)
     train(TrainConfig.from_json(cfg_json))
 
 
+def _spawn_cpu_processes(function, args, num_processes: int, rdv_file):
+    """accelerate.debug_launcher, but with *spawned* workers: a forked child of a process whose
+    OpenMP thread pool is already running (any earlier torch op with 2 threads) can hang on its
+    first parallel op, which is what a long pytest session is."""
+    import socket
+
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with patch_environment(world_size=num_processes, master_addr="127.0.0.1", master_port=str(port),
+                           accelerate_mixed_precision="no", accelerate_debug_rdv_file=str(rdv_file),
+                           accelerate_use_cpu="yes", gloo_socket_ifname="lo"):
+        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, start_method="spawn")
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(ldir, tmp_path):
-    """2 CPU processes (gloo, accelerate.debug_launcher) x batch 4 == 1 process x batch 8.
+    """2 CPU processes (gloo, spawned like accelerate.debug_launcher) x batch 4 == 1 process x batch 8.
 
     Same data order and draws by construction; the only difference is the order of float sums
     (DDP averages two half-batch gradients), so weights agree to ~1e-6 after 6 Adam steps;
     the tolerance is 1e-4."""
-    from accelerate import debug_launcher
-
     one = train(cfg_for(ldir, tmp_path / "one", batch_size=8, val_every=6))
     cfg2 = cfg_for(ldir, tmp_path / "two", batch_size=4, val_every=6)
-    debug_launcher(_ddp_worker, (cfg2.to_json(),), num_processes=2)
+    _spawn_cpu_processes(_ddp_worker, (cfg2.to_json(),), num_processes=2, rdv_file=tmp_path / "rdv")
     two = io.read_json(tmp_path / "two" / "result.json")
     assert two["num_processes"] == 2 and two["global_batch"] == 8 and two["step"] == 6
     wa, wb = model_weights(latest_checkpoint(tmp_path / "one")), model_weights(latest_checkpoint(tmp_path / "two"))
