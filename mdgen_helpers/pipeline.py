@@ -254,10 +254,9 @@ def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None 
     if evaluate:
         from mdgen_helpers import evaluate as ev
 
-        metrics = ev.evaluate(ev.EvalConfig(data_dir=str(data_dir), split=str(base.split),
-                                            generated_dir=str(paths.generated / "dataset"),
-                                            output_dir=str(paths.evaluation)))
-        out["evaluation"] = str(paths.evaluation / "metrics.json")
+        # Always the full run's evaluation; few-shot regimes already generated are included.
+        metrics = ev.evaluate(eval_config(base, profile, data_dir))
+        out["evaluation"] = str(base.evaluation / "metrics.json")
         print(ev.format_table(ev.headline_table(metrics)))
     return out
 
@@ -280,7 +279,8 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--guidance_scale", type=float)
     parser.add_argument("--num_steps", type=int)
     parser.add_argument("--few_shot", type=int, help="train the generator on only K real images per user")
-    parser.add_argument("--evaluate", action="store_true", help="also run the evaluation suite")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="also run the evaluation suite on the full run (and any few-shot regimes already generated)")
 
 
 def cli_main(args) -> int:
