@@ -231,7 +231,8 @@ def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None 
     print(f"[pipeline] work folder {paths.root} (profile {profile.name})", flush=True)
     data_dir = ensure_data(base, profile, data_dir)
     split = prepare_split(paths, profile, data_dir, few_shot=few_shot, full_split_path=base.split)
-    print(f"[pipeline] split {split.hash[:12]}: {split.format_counts().splitlines()[-1] if split.format_counts() else ''}")
+    sizes = ", ".join(f"{len(split.files(part))} {part}" for part in ("train", "val", "test"))
+    print(f"[pipeline] split {split.hash[:12]}: {split.user_map.num_users} users, {sizes}", flush=True)
     device = "cuda" if _cuda() else "cpu"
     tok = prepare_tokenizer(paths, profile, data_dir, split, vavae_path, device=device)
     print(f"[pipeline] tokenizer {tok.identity}", flush=True)
@@ -247,7 +248,8 @@ def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None 
         print(f"[pipeline] batch size {profile.batch_size} > {n_train} train latents: using {train_overrides['batch_size']}")
     cfg = train_config(paths, profile, tok_file, **train_overrides)
     result = train.launch_training(cfg, num_processes=cfg.devices)
-    print(f"[pipeline] training: {result}", flush=True)
+    print(f"[pipeline] training: step {result.get('step')}, stopped by {result.get('stopped')}, "
+          f"final loss {result.get('final_loss')}, EMA val loss {result.get('val_loss_ema')}", flush=True)
     manifest = generate(paths, profile, tok_file, user_ids=user_ids, num_samples_per_user=num_samples_per_user)
     out = {"work_dir": str(paths.root), "split_hash": split.hash, "latents": status, "train": result,
            "generated": str(paths.generated), "num_images": len(manifest.get("images", []))}
