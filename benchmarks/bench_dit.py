@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             results.append(r)
             print(json.dumps(r), flush=True)
     if args.json:
-        from mdgen_helpers.io import atomic_write_json
+        from mdgen_helpers.files import atomic_write_json
 
         atomic_write_json(args.json, results)
     return 0

@@ -22,6 +22,7 @@ import torch
 
 from mdgen_helpers.dit import build_model, model_config
 from mdgen_helpers.generate import Generator, decode_to_uint8, image_seed, load_generator, sample_latents
+from mdgen_helpers.latents import LatentStats
 from mdgen_helpers.users import UserMap
 
 
@@ -36,7 +37,7 @@ def random_generator(num_users: int, seed: int = 0) -> Generator:
     cfg = model_config(model)
     return Generator(
         model=model.eval().requires_grad_(False), user_map=UserMap.from_folders([f"ID_{k}" for k in range(1, num_users + 1)]),
-        latent_mean=torch.zeros(cfg["in_channels"]), latent_std=torch.ones(cfg["in_channels"]), tokenizer_identity="",
+        stats=LatentStats(torch.zeros(cfg["in_channels"]), torch.ones(cfg["in_channels"])), tokenizer_identity="",
         model_config=cfg, latent_shape=(cfg["in_channels"], cfg["input_size"], cfg["input_size"]),
         checkpoint_path=None, checkpoint_sha256="",
     )

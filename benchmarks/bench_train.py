@@ -27,7 +27,8 @@ def write_synthetic_latents(out: Path, n: int, users: int = 4, seed: int = 0) ->
     """A latent directory in the extraction format (random latents, fake tokenizer identity)."""
     import torch
 
-    from mdgen_helpers import io, latents
+    from mdgen_helpers import latents
+    from mdgen_helpers.files import atomic_save_safetensors, sha256_json
     from mdgen_helpers.users import UserMap
 
     g = torch.Generator().manual_seed(seed)
@@ -38,12 +39,11 @@ def write_synthetic_latents(out: Path, n: int, users: int = 4, seed: int = 0) ->
     files = [f"ID_{int(y) + 1}/{i:05d}.jpg" for i, y in enumerate(labels)]
     meta = {"format": latents.FORMAT, "tokenizer": "bench", "split_hash": "bench", "user_map": umap.to_json(),
             "files": files, "part": "train", "image_size": 256, "latent_shape": list(shape)}
-    io.atomic_save_safetensors({"latents": z, "latents_std": torch.zeros_like(z), "labels": labels},
-                               out / "train.safetensors", metadata=meta)
-    mean, std = latents.latent_stats(z)
+    atomic_save_safetensors({"latents": z, "latents_std": torch.zeros_like(z), "labels": labels},
+                            out / "train.safetensors", metadata=meta)
     smeta = {"format": latents.FORMAT, "tokenizer": "bench", "split_hash": "bench", "user_map": umap.to_json(),
-             "train_files_hash": io.sha256_json(files)}
-    io.atomic_save_safetensors({"mean": mean, "std": std}, out / "stats.safetensors", metadata=smeta)
+             "train_files_hash": sha256_json(files)}
+    latents.LatentStats.of(z).save(out / "stats.safetensors", smeta)
     return out
 
 

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from mdgen_helpers.errors import MdgenError
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("mdgen_helpers.simulate", "write a simulated micro-Doppler data set (ID_k/*.jpg + users.json)"),
@@ -18,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit-tokenizer": ("mdgen_helpers.tokenizers", "fit the weight-free stand-in tokenizer on the train split"),
     "convert-vavae": ("mdgen_helpers.vavae", "write a slim safetensors copy of a VA-VAE checkpoint"),
     "extract": ("mdgen_helpers.latents", "encode every image of the split into latents (safetensors)"),
-    "train": ("mdgen_helpers.train", "train the user-conditioned LightningDiT on latents (Accelerate)"),
+    "train": ("mdgen_helpers.launch", "train the user-conditioned LightningDiT on latents (Accelerate)"),
     "generate": ("mdgen_helpers.generate", "sample per-user spectrograms with classifier-free guidance"),
     "evaluate": ("mdgen_helpers.evaluate", "recognisability, realism, diversity, memorisation, augmentation gain"),
     "pipeline": ("mdgen_helpers.pipeline", "split, extract, train, generate in one resumable run"),
@@ -50,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from mdgen_helpers.errors import MdgenError
-
     module = importlib.import_module(args._module)
     try:
         return int(module.cli_main(args) or 0)

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mdgen_helpers.errors import DataError, MdgenError, SplitMismatchError
-from mdgen_helpers.io import atomic_write_json, read_json, sha256_bytes, sha256_json
+from mdgen_helpers.files import atomic_write_json, read_json, sha256_bytes, sha256_json
 from mdgen_helpers.users import UserMap
 
 IMAGE_SIZE = 256
@@ -222,7 +222,7 @@ class ValidationReport:
         for folder in folders:
             c = self.folder_counts.get(folder, {"files": 0, "ok": 0, "skipped": 0})
             in_map = folder in self.user_map.folders
-            label = self.user_map.folders.index(folder) if in_map else None
+            label = self.user_map.label_of_folder(folder) if in_map else None
             recs = [r for r in self.records if r.label == label] if in_map else []
             rows.append({
                 "folder": folder,
@@ -374,7 +374,7 @@ def validate_dataset(data_dir: str | os.PathLike, user_map: UserMap | None = Non
         )
     if user_map is None:
         user_map = UserMap.from_folders(usable)
-    records = [FileRecord(rel, user_map.folders.index(folder), digest, notes)
+    records = [FileRecord(rel, user_map.label_of_folder(folder), digest, notes)
                for folder in user_map.folders if folder in good for rel, digest, notes in good[folder]]
     return ValidationReport(str(data_dir), user_map, records, skipped, skipped_users, counts)
 

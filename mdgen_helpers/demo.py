@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mdgen_helpers.errors import MdgenError
-from mdgen_helpers.io import atomic_write_text, read_json
+from mdgen_helpers.files import atomic_write_text, read_json
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ("01_extract_latents.ipynb", "02_train_dit.ipynb", "03_generate.ipynb", "04_evaluate.ipynb")
@@ -118,9 +118,9 @@ def headline(work_dir: str | Path) -> str:
     path = Path(work_dir) / "evaluation" / "metrics.json"
     if not path.is_file():
         return f"(no {path}: the evaluation notebook did not write metrics)"
-    from mdgen_helpers import evaluate
+    from mdgen_helpers import report  # matplotlib and torch: only when there is a table to show
 
-    return evaluate.format_table(evaluate.headline_table(read_json(path)))
+    return report.format_table(report.headline_table(read_json(path)))
 
 
 def add_cli_arguments(parser) -> None:

@@ -17,6 +17,7 @@ Read top to bottom: helpers, layers, the model, presets, checkpoint loading, com
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from mdgen_helpers.errors import CheckpointError, MdgenError
@@ -409,8 +411,6 @@ class LightningDiT(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "LightningDiT":
         """Rebuild from `model_config(model)` (e.g. the JSON saved next to EMA weights)."""
-        import inspect
-
         known = set(inspect.signature(cls.__init__).parameters) - {"self"}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -484,8 +484,6 @@ def _read_checkpoint_file(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure means "not a safetensors file"

@@ -4,7 +4,7 @@
         --user_ids 1 2 3 --num_samples_per_user 4 --guidance_scale 4.0 --num_steps 250
 
 Everything the sampler needs (EMA weights, model config, user map, latent statistics, tokenizer
-identity) comes from the checkpoint, so nothing is guessed. Output, in GEN/:
+identity) comes from the checkpoint (`checkpoints.read_ema`), so nothing is guessed. Output, in GEN/:
 - `micro_doppler_user01_001.png` ... (user id and sample index are 1-based, as users speak),
 - `micro_doppler_grid.png` (rows = users),
 - `manifest.json` (checkpoint hash, every sampling setting, each image's seed),
@@ -19,22 +19,33 @@ image can be regenerated alone from the manifest (`regenerate_image`).
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from PIL import Image
+from torchvision.transforms.functional import resize
+from tqdm.auto import tqdm
 
-from mdgen_helpers import io
+from mdgen_helpers import checkpoints
+from mdgen_helpers.dit import LightningDiT, null_label
 from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, MdgenError
-from mdgen_helpers.users import UserMap
+from mdgen_helpers.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from mdgen_helpers.flow import guided_velocity, sample_ode
+from mdgen_helpers.latents import LatentStats
+from mdgen_helpers.tokenizers import load_tokenizer
+from mdgen_helpers.users import UserMap, image_name
+from mdgen_helpers.viz import save_figure, user_grid
 
 MANIFEST_NAME = "manifest.json"
 GRID_NAME = "micro_doppler_grid.png"
-EMA_NAME = "ema.safetensors"
 SOLVERS = {"euler": "euler", "heun": "heun", "dopri5": "dopri5", "adaptive": "dopri5"}
-REQUIRED_METADATA = ("model_config", "user_map", "tokenizer", "latent_mean", "latent_std")
 GRID_MAX_COLUMNS = 8
 
 
@@ -48,17 +59,17 @@ class UnknownUserError(MdgenError):
 
 @dataclass
 class Generator:
-    """A trained model and what it needs to sample: everything read from its checkpoint."""
+    """A trained model and what it needs to sample: everything read from its checkpoint (or, for
+    training previews, the EMA model in memory, which has no checkpoint file yet)."""
 
     model: torch.nn.Module
     user_map: UserMap
-    latent_mean: torch.Tensor  # (C,), on CPU
-    latent_std: torch.Tensor  # (C,), on CPU
+    stats: LatentStats
     tokenizer_identity: str
     model_config: dict[str, Any]
     latent_shape: tuple[int, int, int]
-    checkpoint_path: Path
-    checkpoint_sha256: str
+    checkpoint_path: Path | None = None
+    checkpoint_sha256: str = ""
     step: int | None = None
     split_hash: str | None = None
     train_config: dict[str, Any] = field(default_factory=dict)
@@ -85,43 +96,12 @@ class Generator:
         return labels
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A RUN directory or its ema.safetensors -> the ema.safetensors file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / EMA_NAME
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path.parent} has no {EMA_NAME}; pass a finished training run directory "
-                f"(python -m mdgen_helpers train ...) or the path of its {EMA_NAME}."
-            )
-    elif not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a RUN directory or its {EMA_NAME}.")
-    return path
-
-
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
     """Load the EMA weights and the metadata train.py stored with them; the model is in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from mdgen_helpers.dit import LightningDiT
-
-    path = resolve_checkpoint(path)
-    try:
-        meta = io.load_safetensors_metadata(path)
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); pass RUN/{EMA_NAME}.") from None
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise CheckpointError(
-            f"{path} lacks the metadata {missing} that train.py writes into {EMA_NAME}; it is not an "
-            f"mdgen EMA checkpoint (official LightningDiT weights need conversion through train.py)."
-        )
+    ema = checkpoints.read_ema(path)
+    path, meta = ema.path, ema.meta
     user_map = UserMap.from_json(meta["user_map"])
-    mean = torch.tensor(meta["latent_mean"], dtype=torch.float32)
-    std = torch.tensor(meta["latent_std"], dtype=torch.float32)
+    stats = LatentStats.from_json(meta)
     cfg = dict(meta["model_config"])
     if "num_classes" in cfg and int(cfg["num_classes"]) != user_map.num_users:
         raise CheckpointError(
@@ -130,24 +110,23 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
         )
     model = LightningDiT.from_config(cfg)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(ema.state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match its model_config: {str(e)[:500]}") from None
     model.eval().requires_grad_(False).to(device)
     size = int(cfg.get("input_size", 16))
-    channels = int(cfg.get("in_channels", mean.numel()))
-    if mean.numel() != channels or std.numel() != channels:
-        raise CheckpointError(f"{path}: latent statistics have {mean.numel()} channels, the model {channels}.")
+    channels = int(cfg.get("in_channels", stats.channels))
+    if stats.channels != channels:
+        raise CheckpointError(f"{path}: latent statistics have {stats.channels} channels, the model {channels}.")
     return Generator(
         model=model,
         user_map=user_map,
-        latent_mean=mean,
-        latent_std=std,
+        stats=stats,
         tokenizer_identity=str(meta["tokenizer"]),
         model_config=cfg,
         latent_shape=(channels, size, size),
         checkpoint_path=path,
-        checkpoint_sha256=io.sha256_file(path),
+        checkpoint_sha256=sha256_file(path),
         step=meta.get("step"),
         split_hash=meta.get("split_hash"),
         train_config=meta.get("train_config") or {},
@@ -219,11 +198,6 @@ def sample_latents(
     make an image depend on its batch mates; it therefore integrates each image on its own.
     With `return_nfe`, also a list with each image's number of model evaluations.
     """
-    from tqdm.auto import tqdm
-
-    from mdgen_helpers.dit import null_label
-    from mdgen_helpers.flow import guided_velocity, sample_ode
-
     if len(user_ids) != len(seeds):
         raise MdgenError(f"sample_latents: {len(user_ids)} user ids but {len(seeds)} seeds")
     if num_steps < 1:
@@ -237,8 +211,6 @@ def sample_latents(
     labels = gen.labels_of_users(user_ids)
     null = null_label(gen.num_users)
     device = gen.device
-    mean = gen.latent_mean.view(-1, 1, 1)
-    std = gen.latent_std.view(-1, 1, 1)
     ode_batch = 1 if method == "dopri5" else batch_size
     out, nfes = [], []
     starts = range(0, len(labels), ode_batch)
@@ -247,7 +219,7 @@ def sample_latents(
         y = torch.tensor(labels[start : start + ode_batch], dtype=torch.long, device=device)
         velocity = guided_velocity(gen.model, y, float(guidance_scale), null, interval=tuple(guidance_interval))
         x1, nfe = sample_ode(velocity, x0, int(num_steps), method=method, timestep_shift=float(timestep_shift))
-        out.append(x1.float().cpu() * std + mean)
+        out.append(gen.stats.denormalize(x1.float().cpu()))
         nfes.extend([int(nfe)] * len(y))
     latents = torch.cat(out) if out else torch.empty((0, *gen.latent_shape))
     return (latents, nfes) if return_nfe else latents
@@ -280,43 +252,30 @@ def _tokenizer_device(tokenizer) -> torch.device:
 # Files
 
 
-def image_name(user_id: int, sample_index: int) -> str:
-    return f"micro_doppler_user{int(user_id):02d}_{int(sample_index):03d}.png"
-
-
 def export_name(sample_index: int) -> str:
     return f"gen_{int(sample_index):04d}.jpg"
 
 
 def _encode(image: torch.Tensor, fmt: str, **kw) -> bytes:
     """uint8 (3, H, W) -> file bytes with PIL (torchvision's image I/O is deprecated since 0.29)."""
-    import io as pyio
-
-    from PIL import Image
-
-    buf = pyio.BytesIO()
+    buf = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB").save(buf, fmt, **kw)
     return buf.getvalue()
 
 
 def write_png(path: Path, image: torch.Tensor) -> None:
-    io.atomic_write_bytes(path, _encode(image, "PNG"))
+    atomic_write_bytes(path, _encode(image, "PNG"))
 
 
 def write_dataset_jpeg(path: Path, image: torch.Tensor) -> None:
     """256x256 RGB JPEG q95: the format of the real data set, so loaders need no glue."""
     if tuple(image.shape[-2:]) != (256, 256):
-        from torchvision.transforms.functional import resize
-
         image = resize(image, [256, 256], antialias=True)
-    io.atomic_write_bytes(path, _encode(image, "JPEG", quality=95))
+    atomic_write_bytes(path, _encode(image, "JPEG", quality=95))
 
 
 def read_png(path: str | Path) -> torch.Tensor:
     """uint8 (3, H, W) of a written image."""
-    import numpy as np
-    from PIL import Image
-
     with Image.open(path) as im:
         return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
@@ -365,9 +324,6 @@ def generate_images(
     process writes its own images, the main process gathers the records and writes the grid and
     manifest. A single process is the same code path with one shard.
     """
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
     settings = settings or SamplingSettings()
     normalize_solver(settings.solver)
     if settings.batch_size < 1 or settings.num_steps < 1:
@@ -419,17 +375,13 @@ def generate_images(
             "num_processes": state.num_processes,
             "seconds": round(time.time() - started, 3),
         }
-        io.atomic_write_json(out / MANIFEST_NAME, manifest)
+        atomic_write_json(out / MANIFEST_NAME, manifest)
     state.wait_for_everyone()
     return manifest
 
 
 def _generate_shard(gen, tokenizer, out: Path, jobs, settings: SamplingSettings, export: bool, progress: bool):
     """Sample and decode this process's jobs batch by batch; write each image as soon as it exists."""
-    from tqdm.auto import tqdm
-
-    from accelerate import PartialState
-
     rank = PartialState(cpu=gen.device.type == "cpu").process_index
     records = []
     bs = settings.batch_size
@@ -454,7 +406,7 @@ def _generate_shard(gen, tokenizer, out: Path, jobs, settings: SamplingSettings,
             record = {"file": name, "user_id": int(uid), "sample_index": int(k), "seed": int(seed), "nfe": nfe,
                       "batch": f"p{rank}b{b}"}
             if export:
-                folder = gen.user_map.folder_of_label(gen.user_map.label_of_user(uid))
+                folder = gen.user_map.folder_of_user(uid)
                 rel = f"dataset/{folder}/{export_name(k)}"
                 write_dataset_jpeg(out / rel, image)
                 record["dataset_file"] = rel
@@ -464,8 +416,6 @@ def _generate_shard(gen, tokenizer, out: Path, jobs, settings: SamplingSettings,
 
 def _write_grid(out: Path, records, user_ids, settings: SamplingSettings) -> str:
     """Rows = users (labelled), up to GRID_MAX_COLUMNS samples each, read back from the PNGs."""
-    from mdgen_helpers.viz import save_figure, user_grid
-
     by_user: dict[int, list] = {uid: [] for uid in user_ids}
     for r in records:
         if len(by_user[r["user_id"]]) < GRID_MAX_COLUMNS:
@@ -489,7 +439,7 @@ def regenerate_image(gen: Generator, tokenizer, manifest: dict[str, Any] | str |
     the same bytes on the same kind of device; `exact=False` samples the image alone (faster).
     """
     if not isinstance(manifest, dict):
-        manifest = io.read_json(manifest)
+        manifest = read_json(manifest)
     if manifest["checkpoint_sha256"] != gen.checkpoint_sha256:
         raise ArtifactMismatchError(
             f"the manifest was made with checkpoint sha256 {manifest['checkpoint_sha256'][:12]}..., "
@@ -546,10 +496,6 @@ def add_cli_arguments(parser) -> None:
 
 
 def cli_main(args) -> int:
-    from accelerate import PartialState
-
-    from mdgen_helpers.tokenizers import load_tokenizer
-
     # Under `accelerate launch` / torchrun each process gets its own device from Accelerate.
     device = torch.device(args.device) if args.device else PartialState(cpu=not torch.cuda.is_available()).device
     gen = load_generator(args.dit_checkpoint, device)

@@ -21,9 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mdgen_helpers import __version__
+from mdgen_helpers import __version__, env
 from mdgen_helpers.errors import MdgenError
-from mdgen_helpers.io import atomic_write_json, read_json
+from mdgen_helpers.files import atomic_write_json, read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METADATA_DIR = REPO_ROOT / "kaggle_datasets"
@@ -211,8 +211,6 @@ def cli_main(args) -> int:
             print(f"{'FAIL' if problems else 'ok  '} {name}" + "".join(f"\n     - {p}" for p in problems))
         return 1 if bad else 0
     elif args.kaggle_command == "env":
-        from mdgen_helpers import env
-
         print(env.summary())
         for kind, paths in env.find_inputs(args.input_root).items():
             print(f"{kind:10s}: {', '.join(map(str, paths)) or '-'}")

@@ -8,7 +8,7 @@ Layout of `out_dir` (all safetensors, all written atomically by the main process
   part's relpaths, in row order), `part`, `image_size`, `latent_shape`.
 * `stats.safetensors`: per-channel `mean`, `std` (32,) of the TRAIN latents only (val/test must
   not leak into the normalisation), with the same identity metadata. Training and generation
-  normalise with `z_model = (z - mean) / std`; `load_stats` refuses to run without these stats
+  normalise with `LatentStats` (`z_model = (z - mean) / std`); `load_stats` refuses to run without these stats
   rather than falling back to ImageNet constants, which would silently mis-scale every latent.
 
 A part is skipped when its file already holds latents of the same tokenizer, split and file
@@ -27,9 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather, pad_across_processes
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
-from mdgen_helpers import io
+from mdgen_helpers import data
+from mdgen_helpers.files import atomic_save_safetensors, load_safetensors_metadata, sha256_json
 from mdgen_helpers.errors import ArtifactMismatchError, DataError, MdgenError
+from mdgen_helpers.tokenizers import load_tokenizer
 from mdgen_helpers.users import UserMap
 
 PARTS = ("train", "val", "test")
@@ -90,14 +97,12 @@ def check_consistent(*sets: LatentSet) -> None:
 
 
 def load_latents(out_dir, part: str) -> LatentSet:
-    from safetensors.torch import load_file
-
     path = Path(out_dir) / f"{part}.safetensors"
     if part not in PARTS:
         raise MdgenError(f"unknown part {part!r}; expected one of {PARTS}")
     if not path.is_file():
         raise MdgenError(f"no latents for part '{part}' at {path}; run `python -m mdgen_helpers extract` first")
-    meta = io.load_safetensors_metadata(path)
+    meta = load_safetensors_metadata(path)
     if meta.get("format") != FORMAT:
         raise ArtifactMismatchError(f"{path} is not a latent file written by mdgen (format={meta.get('format')!r}); re-run extract")
     t = load_file(str(path))
@@ -108,11 +113,59 @@ def load_latents(out_dir, part: str) -> LatentSet:
     return s
 
 
-def load_stats(out_dir, tokenizer: str | None = None, split_hash: str | None = None):
-    """(mean, std, meta) of the train latents, each (32,). Raises when the stats are missing, or
-    do not belong to the latents next to them / the given tokenizer identity or split hash."""
-    from safetensors.torch import load_file
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-channel mean and std (C,) of the train latents: the one normalisation of the project.
 
+    The model sees `(z - mean) / std`; generation turns its output back with `denormalize`.
+    Training, generation, previews and the checkpoint metadata all go through this type."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", torch.as_tensor(self.mean, dtype=torch.float32).reshape(-1))
+        object.__setattr__(self, "std", torch.as_tensor(self.std, dtype=torch.float32).reshape(-1))
+        if self.mean.shape != self.std.shape:
+            raise ArtifactMismatchError(f"latent statistics: mean has {self.mean.numel()} channels, std {self.std.numel()}")
+
+    @classmethod
+    def of(cls, latents: torch.Tensor) -> "LatentStats":
+        """Mean and (population) std over images and positions, in float64 for stability."""
+        z = latents.double().transpose(0, 1).reshape(latents.shape[1], -1)
+        return cls(z.mean(1).float(), z.std(1, correction=0).clamp_min(1e-6).float())
+
+    @property
+    def channels(self) -> int:
+        return self.mean.numel()
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) latents -> the model's units."""
+        return (z.float() - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def normalize_std(self, std: torch.Tensor) -> torch.Tensor:
+        """A posterior std (N, C, H, W) in the model's units."""
+        return std.float() / self.std.view(1, -1, 1, 1)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """The model's units -> latents the tokenizer decodes (float32, on z's device)."""
+        return z.float() * self.std.view(1, -1, 1, 1).to(z.device) + self.mean.view(1, -1, 1, 1).to(z.device)
+
+    def to_json(self) -> dict:
+        return {"latent_mean": self.mean.tolist(), "latent_std": self.std.tolist()}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "LatentStats":
+        return cls(torch.tensor(obj["latent_mean"], dtype=torch.float32),
+                   torch.tensor(obj["latent_std"], dtype=torch.float32))
+
+    def save(self, path, metadata: dict) -> Path:
+        return atomic_save_safetensors({"mean": self.mean, "std": self.std}, path, metadata)
+
+
+def load_stats(out_dir, tokenizer: str | None = None, split_hash: str | None = None) -> tuple[LatentStats, dict]:
+    """(stats, meta) of the train latents. Raises when the stats are missing, or do not belong
+    to the latents next to them / the given tokenizer identity or split hash."""
     out_dir = Path(out_dir)
     path = out_dir / "stats.safetensors"
     if not path.is_file():
@@ -120,13 +173,13 @@ def load_stats(out_dir, tokenizer: str | None = None, split_hash: str | None = N
             f"latent statistics {path} are missing; run `python -m mdgen_helpers extract` (it computes them on "
             "the train split). ImageNet statistics are never substituted: they do not fit these latents."
         )
-    meta = io.load_safetensors_metadata(path)
+    meta = load_safetensors_metadata(path)
     expected = {}
     train_path = out_dir / "train.safetensors"
     if train_path.is_file():
-        tm = io.load_safetensors_metadata(train_path)
+        tm = load_safetensors_metadata(train_path)
         expected = {"tokenizer": tm.get("tokenizer"), "split_hash": tm.get("split_hash"),
-                    "train_files_hash": io.sha256_json(tm.get("files"))}
+                    "train_files_hash": sha256_json(tm.get("files"))}
     if tokenizer is not None:
         expected["tokenizer"] = tokenizer
     if split_hash is not None:
@@ -138,7 +191,7 @@ def load_stats(out_dir, tokenizer: str | None = None, split_hash: str | None = N
                 "re-run `python -m mdgen_helpers extract` with the same tokenizer and split"
             )
     t = load_file(str(path))
-    return t["mean"], t["std"], meta
+    return LatentStats(t["mean"], t["std"]), meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,9 +215,6 @@ def encode_shard(dataset, tokenizer, process_index: int = 0, num_processes: int 
     Returns (rows, mean, std): rows (M,) int64 positions in the part, mean/std (M, 32, 16, 16)
     float32 on the CPU.
     """
-    from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
-
     start, end = shard_range(len(dataset), process_index, num_processes)
     subset = Subset(dataset, range(start, end))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -201,8 +251,6 @@ def _gather(state, rows, mean, std):
     """All processes' shards, padded to equal length (rows padded with -1) and concatenated."""
     if state.num_processes == 1:
         return rows, mean, std
-    from accelerate.utils import gather, pad_across_processes
-
     dev = state.device
     rows = pad_across_processes(rows.to(dev), dim=0, pad_index=-1)
     mean = pad_across_processes(mean.to(dev), dim=0)
@@ -232,7 +280,7 @@ def _up_to_date(path: Path, expected: dict) -> bool:
     if not path.is_file():
         return False
     try:
-        meta = io.load_safetensors_metadata(path)
+        meta = load_safetensors_metadata(path)
     except Exception:  # unreadable or truncated by hand: recompute
         return False
     return all(meta.get(k) == expected[k] for k in IDENTITY_KEYS)
@@ -240,14 +288,8 @@ def _up_to_date(path: Path, expected: dict) -> bool:
 
 def _stats_metadata(train_meta: dict) -> dict:
     return {"format": FORMAT, "tokenizer": train_meta["tokenizer"], "split_hash": train_meta["split_hash"],
-            "user_map": train_meta["user_map"], "train_files_hash": io.sha256_json(train_meta["files"]),
+            "user_map": train_meta["user_map"], "train_files_hash": sha256_json(train_meta["files"]),
             "computed_on": "train posterior means, per channel over images and positions"}
-
-
-def latent_stats(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (population) std over images and positions, in float64 for stability."""
-    z = latents.double().transpose(0, 1).reshape(latents.shape[1], -1)
-    return z.mean(1).float(), z.std(1, correction=0).clamp_min(1e-6).float()
 
 
 def extract_latents(data_dir, split, tokenizer, out_dir, batch_size: int = 32, num_workers: int = 2,
@@ -261,15 +303,11 @@ def extract_latents(data_dir, split, tokenizer, out_dir, batch_size: int = 32, n
     Accelerator state here would forbid a later `Accelerator(mixed_precision="fp16")` (training)
     in the same Python process (a notebook kernel).
     """
-    from mdgen_helpers import data
-
     data.check_split(split, data_dir)
     if not split.files("train"):
         raise DataError("the split has no training images; latents (and their statistics) need at least one")
     out_dir = Path(out_dir)
     if state is None:
-        from accelerate import PartialState
-
         state = PartialState()
     tokenizer.to(state.device)
     main = state.is_main_process
@@ -292,7 +330,7 @@ def extract_latents(data_dir, split, tokenizer, out_dir, batch_size: int = 32, n
         mean, std = merge_shards(rows, mean, std, n)
         if main:
             labels = torch.tensor(list(split.labels(part)), dtype=torch.int64).reshape(n)
-            io.atomic_save_safetensors({"latents": mean, "latents_std": std, "labels": labels}, path, meta)
+            atomic_save_safetensors({"latents": mean, "latents_std": std, "labels": labels}, path, meta)
         status[part] = "written"
         train_changed |= part == "train"
         state.wait_for_everyone()
@@ -301,13 +339,12 @@ def extract_latents(data_dir, split, tokenizer, out_dir, batch_size: int = 32, n
     train_meta = part_metadata(split, "train", tokenizer)
     stats_meta = _stats_metadata(train_meta)
     fresh = (not train_changed and stats_path.is_file()
-             and all(io.load_safetensors_metadata(stats_path).get(k) == v for k, v in stats_meta.items()))
+             and all(load_safetensors_metadata(stats_path).get(k) == v for k, v in stats_meta.items()))
     if fresh:
         status["stats"] = "skipped"
     else:
         if main:
-            mean, std = latent_stats(load_latents(out_dir, "train").latents)
-            io.atomic_save_safetensors({"mean": mean, "std": std}, stats_path, stats_meta)
+            LatentStats.of(load_latents(out_dir, "train").latents).save(stats_path, stats_meta)
         status["stats"] = "written"
     state.wait_for_everyone()
     return status
@@ -331,11 +368,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args) -> int:
-    from accelerate import PartialState
-
-    from mdgen_helpers import data
-    from mdgen_helpers.tokenizers import load_tokenizer
-
     paths = [p for p in (args.vavae_path, args.tokenizer) if p]
     if len(paths) != 1:
         raise MdgenError("give exactly one of --vavae_path (VA-VAE checkpoint) or --tokenizer (e.g. the stand-in file)")

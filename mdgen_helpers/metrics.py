@@ -1,8 +1,10 @@
-"""Distribution metrics on feature vectors: pure maths, no models, no files.
+"""Every number the evaluation reports, as functions of features, images or read-offs.
 
-Every function takes feature matrices of shape (N, D) (numpy arrays or torch tensors) and works
+The distribution metrics take feature matrices (N, D) (numpy arrays or torch tensors) and work
 in float64 so that results do not depend on the device or on summation order at float32 noise.
-The evaluation (`mdgen_helpers.evaluate`) feeds them classifier or Inception features.
+The evaluation (`mdgen_helpers.evaluate`) feeds them classifier or Inception features; the
+metric families on top (recognisability, realism/diversity, memorisation, physics) combine them
+with their real-vs-real baselines. PSNR/SSIM measure tokenizer reconstructions.
 
 - Fréchet distance (Heusel et al. 2017): distance between Gaussians fitted to the two sets,
   FD = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
@@ -17,7 +19,19 @@ The evaluation (`mdgen_helpers.evaluate`) feeds them classifier or Inception fea
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Sequence
+
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mdgen_helpers import physics
+from mdgen_helpers.classifier import ImageSet, UserClassifier, classification_report, load_images, read_rgb
+from mdgen_helpers.files import read_json
+from mdgen_helpers.users import UserMap
+
+RECOGNISABILITY_TARGET = 0.8
 
 
 def as_float64(x) -> np.ndarray:
@@ -175,3 +189,207 @@ def density_coverage(real, fake, k: int = 5) -> tuple[float, float]:
     density = inside.sum() / (k * fake.shape[0])
     coverage = inside.any(axis=0).mean()
     return float(density), float(coverage)
+
+
+# --------------------------------------------------------------------------------------------
+# Image quality (tokenizer reconstructions)
+# --------------------------------------------------------------------------------------------
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak = 1 after mapping to [0, 1])."""
+    mse = ((a.float() - b.float()) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004): 11x11 Gaussian window (sigma 1.5), K1=0.01, K2=0.03,
+    data range 1 (images mapped from [-1, 1] to [0, 1]), valid-window mean over pixels and
+    channels. Same formula as skimage's `structural_similarity(gaussian_weights=True)` up to border handling.
+    Computed in float64: var = E[x^2] - E[x]^2 cancels, and float32 round-off is then not
+    negligible next to C2 = 9e-4 (it shifts SSIM in the 4th digit). Returned as float32."""
+    a = (a.double() + 1) / 2
+    b = (b.double() + 1) / 2
+    c = a.shape[1]
+    x = torch.arange(window, dtype=torch.float64, device=a.device) - (window - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = torch.outer(g, g).expand(c, 1, window, window).contiguous()
+
+    def filt(t):
+        return F.conv2d(t, kernel, groups=c)
+
+    mu_a, mu_b = filt(a), filt(b)
+    var_a = filt(a * a) - mu_a**2
+    var_b = filt(b * b) - mu_b**2
+    cov = filt(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1).float()
+
+
+# --------------------------------------------------------------------------------------------
+# The metric families of the evaluation (each callable alone from a notebook)
+# --------------------------------------------------------------------------------------------
+
+def recognisability(clf: UserClassifier, generated: ImageSet, real_test_accuracy: float,
+                    probs: np.ndarray | None = None) -> dict[str, Any]:
+    """Classifier accuracy on generated images, overall and per user, and its ratio to real-test."""
+    rep = classification_report(clf.model, generated, clf.user_map, probs)
+    rep["real_test_accuracy"] = real_test_accuracy
+    rep["ratio_to_real_test"] = rep["accuracy"] / real_test_accuracy if real_test_accuracy > 0 else float("nan")
+    rep["target_ratio"] = RECOGNISABILITY_TARGET
+    rep["meets_target"] = bool(rep["ratio_to_real_test"] >= RECOGNISABILITY_TARGET)
+    return rep
+
+
+def feature_metrics(real: np.ndarray, fake: np.ndarray, *, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                    pr_k: int = 3, dc_k: int = 5, seed: int = 0) -> dict[str, Any]:
+    """All distribution metrics between two feature sets (real = the reference manifold)."""
+    kid, kid_std = kernel_inception_distance(real, fake, kid_subsets, kid_subset_size, seed)
+    k = min(pr_k, len(real) - 1, len(fake) - 1)
+    kd = min(dc_k, len(real) - 1)
+    p, r = precision_recall(real, fake, k)
+    d, c = density_coverage(real, fake, kd)
+    return {"fd": frechet_distance(real, fake), "kid": kid, "kid_std": kid_std, "precision": p, "recall": r,
+            "density": d, "coverage": c, "k_precision_recall": k, "k_density_coverage": kd,
+            "mean_pairwise_distance": mean_pairwise_distance(fake), "num_real": len(real),
+            "num_fake": len(fake)}
+
+
+def realism_diversity(train_feats: np.ndarray, test_feats: np.ndarray, gen_feats: np.ndarray, seed: int = 0,
+                      **kwargs) -> dict[str, Any]:
+    """Generated vs real-test, and the baseline real-train vs real-test with real-train subsampled
+    to the generated set's size (FD and KID depend on sample size, so sizes must match)."""
+    n = min(len(gen_feats), len(train_feats))
+    rng = np.random.default_rng(seed)
+    train_sub = train_feats[rng.choice(len(train_feats), n, replace=False)]
+    return {"space": "user-classifier penultimate features (512-d)",
+            "generated_vs_test": feature_metrics(test_feats, gen_feats, seed=seed, **kwargs),
+            "baseline_train_vs_test": feature_metrics(test_feats, train_sub, seed=seed, **kwargs),
+            "real_test_mean_pairwise_distance": mean_pairwise_distance(test_feats)}
+
+
+def inception_metrics(weights_path: str | None, real_train: Sequence[Path], real_test: Sequence[Path],
+                      generated: Sequence[Path], device: torch.device, seed: int = 0, batch_size: int = 32,
+                      kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict[str, Any]:
+    """Inception-v3 FID/KID (generated vs real-test, baseline real-train vs real-test) through
+    torchmetrics' FID network (torch-fidelity port of the TF Inception). Skipped, with the reason,
+    when the weights file or the library is missing: nothing is ever downloaded here."""
+    if not weights_path:
+        return {"skipped": "no Inception weights given (--inception_weights PATH to the torch-fidelity "
+                           "weights-inception-2015-12-05 .pth); nothing is downloaded at run time"}
+    if not Path(weights_path).is_file():
+        return {"skipped": f"Inception weights {weights_path} not found"}
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        return {"skipped": "torchmetrics with its image extra is not installed (pip install 'torchmetrics[image]')"}
+    try:
+        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights_path)).to(device)
+        net = fid.inception.eval()
+
+        @torch.no_grad()
+        def feats(paths):
+            out = []
+            for i in range(0, len(paths), batch_size):
+                x = load_images(paths[i:i + batch_size], 256).to(device)
+                out.append(net(x).double().cpu())
+            return torch.cat(out).numpy()
+
+        rng = np.random.default_rng(seed)
+        train_pick = [real_train[i] for i in rng.choice(len(real_train), min(len(generated), len(real_train)), replace=False)]
+        f_test, f_gen, f_train = feats(list(real_test)), feats(list(generated)), feats(train_pick)
+    except Exception as e:  # noqa: BLE001 - an optional metric must not sink the evaluation
+        return {"skipped": f"Inception feature extraction failed ({type(e).__name__}: {e})"}
+    out = {}
+    for name, f in (("generated_vs_test", f_gen), ("baseline_train_vs_test", f_train)):
+        kid, kid_std = kernel_inception_distance(f_test, f, kid_subsets, kid_subset_size, seed)
+        out[name] = {"fid": frechet_distance(f_test, f), "kid": kid, "kid_std": kid_std, "num_fake": len(f)}
+    out["weights"] = str(weights_path)
+    return out
+
+
+def pixel_vectors(images: torch.Tensor, size: int) -> np.ndarray:
+    """Flattened [0, 1] pixels at `size` px: a memorisation check that does not trust any network."""
+    x = images.float() / 255.0
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.flatten(1).numpy()
+
+
+def memorisation(train_feats, test_feats, gen_feats, train_pix, test_pix, gen_pix, gen_files: Sequence[Path],
+                 train_files: Sequence[Path], percentile: float = 1.0) -> dict[str, Any]:
+    """Nearest-train distances of generated vs real-test images, in feature and pixel space.
+
+    Rule: a generated image is a near-copy when, in either space, it is closer to its nearest
+    training image than `percentile`% of real-test images are to theirs. A generator that does not
+    copy gets about `percentile`% flagged per space, like held-out real data.
+    """
+    out: dict[str, Any] = {"rule": f"flagged when nearer to a training image than the {percentile:g}th percentile "
+                                   f"of real-test nearest-train distances, in feature or pixel space",
+                           "expected_fraction_per_space": percentile / 100.0}
+    flagged = np.zeros(len(gen_files), dtype=bool)
+    nn_index, dists = {}, {}
+    for space, tr, te, ge in (("feature", train_feats, test_feats, gen_feats), ("pixel", train_pix, test_pix, gen_pix)):
+        d_gen, i_gen = nearest_neighbors(ge, tr)
+        d_test, _ = nearest_neighbors(te, tr)
+        thr = float(np.percentile(d_test, percentile))
+        mask = d_gen < thr
+        flagged |= mask
+        nn_index[space], dists[space] = i_gen, d_gen
+        out[space] = {"generated_nn_median": float(np.median(d_gen)), "generated_nn_min": float(d_gen.min()),
+                      "real_test_nn_median": float(np.median(d_test)), "real_test_nn_min": float(d_test.min()),
+                      "ratio_of_medians": float(np.median(d_gen) / max(np.median(d_test), 1e-12)),
+                      "threshold": thr, "num_flagged": int(mask.sum()), "fraction_flagged": float(mask.mean())}
+    out["num_flagged"] = int(flagged.sum())
+    out["fraction_flagged"] = float(flagged.mean())
+    order = np.argsort(dists["feature"] / max(out["feature"]["threshold"], 1e-12))
+    out["near_copies"] = [
+        {"generated": str(gen_files[i]), "nearest_train_feature": str(train_files[nn_index["feature"][i]]),
+         "nearest_train_pixel": str(train_files[nn_index["pixel"][i]]), "feature_distance": float(dists["feature"][i]),
+         "pixel_distance": float(dists["pixel"][i])}
+        for i in order if flagged[i]
+    ]
+    return out
+
+
+def confidence_filter(probs: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Keep generated images whose intended user gets classifier probability >= threshold."""
+    return probs[np.arange(len(labels)), labels] >= threshold
+
+
+def physics_check(users_json: Path, user_map: UserMap, generated: tuple[Sequence[Path], Sequence[int]],
+                  real_test: tuple[Sequence[Path], Sequence[int]], max_per_user: int | None = 20) -> dict[str, Any]:
+    """Torso velocity and step rate read off each image (physics.py, the simulator's own
+    estimator) vs each user's ground truth; real-test read-offs are the baseline error (it holds
+    the per-image nuisances: aspect angle, speed jitter). The first `max_per_user` images of each
+    user and set are read (None: all)."""
+    meta = read_json(users_json)
+    radar, truth = meta["radar"], meta["users"]
+    quantities = (("torso_velocity", physics.torso_velocity, "speed_mps"),
+                  ("step_rate", physics.step_rate, "step_rate_hz"))
+    out: dict[str, Any] = {"users_json": str(users_json), "max_per_user": max_per_user, "per_user": {}}
+    errs = {(q, which): [] for q, _, _ in quantities for which in ("generated", "real_test")}
+    for which, (files, labels) in (("generated", generated), ("real_test", real_test)):
+        seen: dict[str, int] = {}
+        for path, label in zip(files, labels):
+            uid = str(user_map.user_of_label(label))
+            seen[uid] = seen.get(uid, 0) + 1
+            if uid not in truth or (max_per_user is not None and seen[uid] > max_per_user):
+                continue
+            img = read_rgb(path)
+            row = out["per_user"].setdefault(uid, {})
+            for q, fn, key in quantities:
+                est, gt = float(fn(img, radar)), float(truth[uid][key])
+                row.setdefault(f"{q}_truth", gt)
+                row.setdefault(f"{q}_{which}", []).append(est)
+                errs[(q, which)].append(abs(est - gt))
+    for row in out["per_user"].values():  # lists of read-offs -> mean and std
+        for k in [k for k, v in row.items() if isinstance(v, list)]:
+            v = np.asarray(row[k])
+            row[k], row[f"{k}_std"] = float(v.mean()), float(v.std())
+    for q, _, _ in quantities:
+        for which in ("generated", "real_test"):
+            e = errs[(q, which)]
+            out[f"{q}_mae_{which}"] = float(np.mean(e)) if e else float("nan")
+    return out

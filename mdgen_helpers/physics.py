@@ -4,7 +4,7 @@ The simulator's realism tests and the evaluation's physics check share these fun
 generated image is judged with the same ruler as the simulated training data. Everything works
 from the image alone plus the radar settings saved in users.json["radar"]:
 
-- `image_to_power`: invert the jet colormap (nearest colour in matplotlib's 256-entry LUT) back to
+- `image_to_power`: invert the jet colormap (`colormap.colormap_index`, the nearest LUT entry) back to
   dB relative to the image maximum.
 - `row_velocities`: the velocity of every image row (row 0 = most positive, approaching).
 - `torso_velocity`: the median over time of each column's strongest row (the torso, the
@@ -21,22 +21,21 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import torch
 
+from mdgen_helpers.colormap import colormap_index, colormap_lut_tensor, run_middle_index
 from mdgen_helpers.errors import MdgenError
 
 
 @lru_cache(maxsize=4)
-def _lut_tree(colormap: str = "jet"):
-    from matplotlib import colormaps
-    from scipy.spatial import cKDTree
-
-    lut = np.round(colormaps[colormap](np.linspace(0.0, 1.0, 256))[:, :3] * 255)
-    return cKDTree(lut)
+def _lut(colormap: str = "jet") -> tuple[torch.Tensor, torch.Tensor]:
+    lut = colormap_lut_tensor(colormap)
+    return lut, run_middle_index(lut)
 
 
 def to_uint8_image(image) -> np.ndarray:
     """uint8 (H, W, 3) from uint8 HxWx3, or from a float tensor/array (3, H, W) in [-1, 1]."""
-    if hasattr(image, "detach"):  # torch tensor, without importing torch here
+    if isinstance(image, torch.Tensor):
         image = image.detach().cpu().float().numpy()
     a = np.asarray(image)
     if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3:
@@ -52,9 +51,10 @@ def image_to_power(image, db_range: float = 50.0, colormap: str = "jet") -> np.n
 
     Pass `radar["db_range"]` to get the simulator's dB scale; the default matches its default.
     """
-    rgb = to_uint8_image(image)
-    _, idx = _lut_tree(colormap).query(rgb.reshape(-1, 3).astype(np.float64))
-    level = idx.reshape(rgb.shape[:2]) / 255.0
+    rgb = torch.from_numpy(to_uint8_image(image).transpose(2, 0, 1).copy())[None].float() / 127.5 - 1.0
+    lut, middle = _lut(colormap)
+    idx, _ = colormap_index(rgb, lut)
+    level = middle[idx[0]].numpy() / 255.0
     return (level - 1.0) * float(db_range)
 
 

@@ -25,9 +25,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mdgen_helpers import io
+import torch
+
+from mdgen_helpers import data, env, latents, simulate, tokenizers, vavae
+from mdgen_helpers import evaluate as evaluation
+from mdgen_helpers import generate as gen_mod
 from mdgen_helpers.errors import MdgenError
+from mdgen_helpers.evaluate import EvalConfig
+from mdgen_helpers.files import read_json
+from mdgen_helpers.generate import SamplingSettings
+from mdgen_helpers.launch import launch_training
 from mdgen_helpers.profiles import Profile, get_profile
+from mdgen_helpers.report import format_table, headline_table
+from mdgen_helpers.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,6 @@ class RunPaths:
 
 def resolve_inputs(data_dir: str | None = None, vavae_path: str | None = None) -> tuple[str | None, str | None]:
     """Explicit paths win; on Kaggle, empty ones are filled from the attached datasets."""
-    from mdgen_helpers import env
-
     data_dir = data_dir or None
     vavae_path = vavae_path or None
     if env.on_kaggle() and (data_dir is None or vavae_path is None):
@@ -78,12 +86,10 @@ def ensure_data(paths: RunPaths, profile: Profile, data_dir: str | None = None, 
         if not data_dir.is_dir():
             raise MdgenError(f"data folder {data_dir} does not exist; pass the folder that holds ID_1, ID_2, ...")
         return data_dir
-    from mdgen_helpers import simulate
-
     users_json = paths.data / "users.json"
     wanted = {"num_users": profile.sim_users, "per_user": profile.sim_per_user, "seed": profile.sim_seed}
     if users_json.is_file():
-        have = io.read_json(users_json)
+        have = read_json(users_json)
         if all(have.get(k) == v for k, v in wanted.items()):
             print(f"simulated data set in {paths.data} is up to date ({profile.sim_users} users x {profile.sim_per_user})")
             return paths.data
@@ -100,8 +106,6 @@ def prepare_split(paths: RunPaths, profile: Profile, data_dir: str | Path, few_s
     With `few_shot=K`, the split of the parent run is subsampled to K training images per user
     and saved in this run's folder.
     """
-    from mdgen_helpers import data
-
     if not few_shot:
         return data.ensure_split(data_dir, paths.split, seed=profile.split_seed, fractions=profile.split_fractions)
     full = data.ensure_split(data_dir, full_split_path, seed=profile.split_seed, fractions=profile.split_fractions)
@@ -133,21 +137,15 @@ def prepare_tokenizer(paths: RunPaths, profile: Profile, data_dir, split, vavae_
     `random-vavae` (profile cpu-smoke) is a tiny randomly initialised VA-VAE saved in the official
     `.pt` layout: its latents mean nothing, but the real checkpoint-loading path runs in CI.
     """
-    from mdgen_helpers import tokenizers
-
     path = tokenizer_path(paths, profile, vavae_path)
     if not vavae_path and profile.tokenizer == "standin":
         return tokenizers.ensure_standin(data_dir, split, path, seed=profile.split_seed, device=device)
     if not vavae_path and profile.tokenizer == "random-vavae" and not path.is_file():
-        from mdgen_helpers import vavae
-
         vavae.write_random_checkpoint(path, seed=0, ch=32)
     return tokenizers.load_tokenizer(path, device=device)
 
 
 def extract(paths: RunPaths, profile: Profile, data_dir, split, tokenizer, progress: bool = True) -> dict:
-    from mdgen_helpers import latents
-
     return latents.extract_latents(data_dir, split, tokenizer, paths.latents, batch_size=profile.extract_batch_size,
                                    num_workers=profile.num_workers, progress=progress)
 
@@ -158,8 +156,6 @@ def extract(paths: RunPaths, profile: Profile, data_dir, split, tokenizer, progr
 
 def train_config(paths: RunPaths, profile: Profile, tokenizer_file: str | Path | None = None, **overrides):
     """The TrainConfig a profile implies (overrides win)."""
-    from mdgen_helpers.train import TrainConfig
-
     cfg = TrainConfig(
         latent_dir=str(paths.latents), output_dir=str(paths.run), preset=profile.preset,
         model_overrides=dict(profile.model_overrides),
@@ -177,8 +173,6 @@ def train_config(paths: RunPaths, profile: Profile, tokenizer_file: str | Path |
 
 
 def generation_settings(profile: Profile, **overrides):
-    from mdgen_helpers.generate import SamplingSettings
-
     settings = SamplingSettings(guidance_scale=profile.guidance_scale, num_steps=profile.num_steps,
                                 solver=profile.solver, timestep_shift=profile.timestep_shift,
                                 seed=0, batch_size=profile.gen_batch_size)
@@ -191,9 +185,6 @@ def generate(paths: RunPaths, profile: Profile, tokenizer_file, user_ids=None, n
              export_dataset: bool = True, device: str | None = None, progress: bool = True, **settings_overrides) -> dict:
     """Generate per-user images into WORK/generated; skipped when its manifest already records
     the same checkpoint, tokenizer and settings."""
-    from mdgen_helpers import generate as gen_mod
-    from mdgen_helpers import tokenizers
-
     device = device or ("cuda" if _cuda() else "cpu")
     gen = gen_mod.load_generator(paths.run, device=device)
     settings = generation_settings(profile, **settings_overrides)
@@ -201,7 +192,7 @@ def generate(paths: RunPaths, profile: Profile, tokenizer_file, user_ids=None, n
     users = list(user_ids) if user_ids else list(gen.user_map.user_ids)
     manifest_path = paths.generated / "manifest.json"
     if manifest_path.is_file():
-        old = io.read_json(manifest_path)
+        old = read_json(manifest_path)
         same = (old.get("checkpoint_sha256") == gen.checkpoint_sha256 and old.get("settings") == settings.to_json()
                 and old.get("user_ids") == users and old.get("num_samples_per_user") == n
                 and bool(old.get("dataset_dir")) == export_dataset)
@@ -214,8 +205,6 @@ def generate(paths: RunPaths, profile: Profile, tokenizer_file, user_ids=None, n
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -223,8 +212,6 @@ def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None 
                  few_shot: int | None = None, user_ids=None, num_samples_per_user: int | None = None,
                  evaluate: bool = False, train_overrides: dict | None = None) -> dict:
     """simulate (if needed) -> split -> tokenizer -> extract -> train -> generate [-> evaluate]."""
-    from mdgen_helpers import train
-
     base = RunPaths(output_dir)
     paths = base.few_shot(few_shot) if few_shot else base
     data_dir, vavae_path = resolve_inputs(data_dir, vavae_path)
@@ -247,19 +234,17 @@ def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None 
         train_overrides["batch_size"] = max(1, n_train // max(1, profile.devices))
         print(f"[pipeline] batch size {profile.batch_size} > {n_train} train latents: using {train_overrides['batch_size']}")
     cfg = train_config(paths, profile, tok_file, **train_overrides)
-    result = train.launch_training(cfg, num_processes=cfg.devices)
+    result = launch_training(cfg, num_processes=cfg.devices)
     print(f"[pipeline] training: step {result.get('step')}, stopped by {result.get('stopped')}, "
           f"final loss {result.get('final_loss')}, EMA val loss {result.get('val_loss_ema')}", flush=True)
     manifest = generate(paths, profile, tok_file, user_ids=user_ids, num_samples_per_user=num_samples_per_user)
     out = {"work_dir": str(paths.root), "split_hash": split.hash, "latents": status, "train": result,
            "generated": str(paths.generated), "num_images": len(manifest.get("images", []))}
     if evaluate:
-        from mdgen_helpers import evaluate as ev
-
         # Always the full run's evaluation; few-shot regimes already generated are included.
-        metrics = ev.evaluate(eval_config(base, profile, data_dir))
+        metrics = evaluation.evaluate(eval_config(base, profile, data_dir))
         out["evaluation"] = str(base.evaluation / "metrics.json")
-        print(ev.format_table(ev.headline_table(metrics)))
+        print(format_table(headline_table(metrics)))
     return out
 
 
@@ -296,160 +281,9 @@ def cli_main(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# Small helpers for the notebooks' figures
-# --------------------------------------------------------------------------------------------
-
-def examples_by_user(data_dir, split, part: str = "train", per_user: int = 4, max_users: int = 8,
-                     user_ids=None) -> dict[int, list]:
-    """The first `per_user` images of each user in a split part, as {user_id: [tensor, ...]}."""
-    from mdgen_helpers import data
-
-    wanted = list(user_ids) if user_ids else list(split.user_map.user_ids)[:max_users]
-    out: dict[int, list] = {u: [] for u in wanted}
-    for rel, label in zip(split.files(part), split.labels(part)):
-        uid = split.user_map.user_of_label(label)
-        if uid in out and len(out[uid]) < per_user:
-            out[uid].append(data.load_image(Path(data_dir) / rel))
-    return out
-
-
-def generated_by_user(generated_dir, per_user: int = 4, user_ids=None) -> dict[int, list]:
-    """Generated PNGs listed in a manifest, as {user_id: [uint8 HxWx3 array, ...]}."""
-    from mdgen_helpers.generate import read_png
-
-    manifest = io.read_json(Path(generated_dir) / "manifest.json")
-    wanted = set(user_ids) if user_ids else None
-    out: dict[int, list] = {}
-    for rec in manifest["images"]:
-        uid = int(rec["user_id"])
-        if (wanted is None or uid in wanted) and len(out.setdefault(uid, [])) < per_user:
-            out[uid].append(read_png(Path(generated_dir) / rec["file"]).permute(1, 2, 0).numpy())
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Finding a previous stage's output (local work folder first, then attached Kaggle datasets)
-# --------------------------------------------------------------------------------------------
-
-def find_latents(paths: RunPaths) -> Path:
-    """WORK/latents if notebook 01 ran here, else an attached `mdgen-latents` dataset."""
-    from mdgen_helpers import env
-
-    if (paths.latents / "stats.safetensors").is_file():
-        return paths.latents
-    found = env.find_inputs()["latents"] if env.on_kaggle() else []
-    if found:
-        return found[0]
-    raise MdgenError(f"no latents in {paths.latents}: run notebook 01 (or `python -m mdgen_helpers extract`) first, "
-                     "or on Kaggle attach the dataset made from notebook 01's output (mdgen-latents)")
-
-
-def find_tokenizer(paths: RunPaths, profile: Profile, vavae_path: str | None = None) -> Path | None:
-    """The tokenizer file of this run, or None when it is not here (previews are then skipped)."""
-    _, vavae_path = resolve_inputs(None, vavae_path)
-    try:
-        path = tokenizer_path(paths, profile, vavae_path)
-    except MdgenError:
-        return None
-    return path if path.is_file() else None
-
-
-def adopt_previous_run(paths: RunPaths, source: str | None = None) -> Path | None:
-    """Copy a previous session's run (e.g. the read-only attached `mdgen-checkpoints`) into
-    WORK/run so training resumes from its newest complete checkpoint. Nothing is copied when
-    WORK/run already has a checkpoint of its own. Returns the source used, or None."""
-    import shutil
-
-    from mdgen_helpers import env, train
-
-    if train.latest_checkpoint(paths.run) is not None:
-        return None
-    candidates = [Path(source)] if source else (env.find_inputs()["checkpoint"] if env.on_kaggle() else [])
-    for src in candidates:
-        newest = train.latest_checkpoint(src)
-        if newest is None:
-            continue
-        paths.run.mkdir(parents=True, exist_ok=True)
-        for name in ("ema.safetensors", "config.json", "metrics.jsonl"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, paths.run / name)
-        dst = paths.run / newest.relative_to(src)
-        tmp = dst.with_name(".tmp_copy_" + dst.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(newest, tmp)
-        tmp.rename(dst)
-        return src
-    if source:
-        raise MdgenError(f"{source} holds no complete checkpoint (checkpoints/step_*/complete.json) to resume from")
-    return None
-
-
-def describe_training(cfg) -> str:
-    """Data size per user, model size and the step budget, before any training work."""
-    from mdgen_helpers import dit, latents
-
-    train_set = latents.load_latents(cfg.latent_dir, "train")
-    val_set = latents.load_latents(cfg.latent_dir, "val")
-    um = train_set.user_map
-    per_user = {um.user_of_label(int(l)): int((train_set.labels == l).sum()) for l in train_set.labels.unique()}
-    model = dit.build_model(cfg.preset, um.num_users, **(cfg.model_overrides or {}))
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines = [
-        f"users      : {um.num_users} (ids {um.user_ids[0]}..{um.user_ids[-1]})",
-        f"latents    : {len(train_set.labels)} train, {len(val_set.labels)} val, shape {tuple(train_set.latents.shape[1:])}",
-        f"per user   : min {min(per_user.values())}, max {max(per_user.values())} train latents",
-        f"model      : LightningDiT {cfg.preset}, {params / 1e6:.2f} M trainable parameters",
-        f"training   : batch {cfg.batch_size}/process, lr {cfg.lr}, max_steps {cfg.max_steps}, max_epochs {cfg.max_epochs}, "
-        f"EMA {cfg.ema_decay}, label dropout {cfg.label_dropout}, precision {cfg.precision}",
-    ]
-    return "\n".join(lines)
-
-
-def latest_preview(paths: RunPaths):
-    """The newest preview grid written during training, for display; None when there is none."""
-    previews = sorted((paths.run / "previews").glob("*.png"))
-    if not previews:
-        print("no preview grids (set preview_every > 0 and give a tokenizer to get them)")
-        return None
-    from IPython.display import Image
-
-    return Image(filename=str(previews[-1]))
-
-
-def reconstruction_check(paths: RunPaths, profile: Profile, data_dir, split, tokenizer, per_user: int = 4) -> dict:
-    """Encode + decode validation images of every user: PSNR/SSIM per user.
-
-    When the tokenizer in use is not the stand-in (a VA-VAE), the stand-in is fitted too and both
-    are reported side by side: it tells whether the ImageNet VA-VAE serves these spectrograms
-    better than a linear codec fitted on them.
-    """
-    import dataclasses
-
-    from mdgen_helpers import data, tokenizers
-
-    part = "val" if split.files("val") else "train"
-    dataset = data.ImageDataset(data_dir, split, part)
-    candidates = {tokenizer.identity: tokenizer}
-    if not tokenizer.identity.startswith("mdgen-standin"):
-        standin = prepare_tokenizer(paths, dataclasses.replace(profile, tokenizer="standin"), data_dir, split)
-        candidates[standin.identity] = standin
-    reports = {name: tokenizers.reconstruction_report(tok, dataset, per_user=per_user, user_map=split.user_map)
-               for name, tok in candidates.items()}
-    names = list(reports)
-    lines = [f"{part} reconstruction, PSNR dB / SSIM per user", "user  " + "  ".join(f"{n[:34]:>34}" for n in names)]
-    for uid in reports[names[0]]["per_user"]:
-        cells = [f"{reports[n]['per_user'][uid]['psnr']:6.2f} / {reports[n]['per_user'][uid]['ssim']:.3f}" for n in names]
-        lines.append(f"{uid:>4}  " + "  ".join(f"{c:>34}" for c in cells))
-    lines.append("all   " + "  ".join(f"{reports[n]['psnr']:6.2f} / {reports[n]['ssim']:.3f}".rjust(34) for n in names))
-    return {"reports": reports, "table": "\n".join(lines), "in_use": tokenizer.identity}
-
-
 def eval_config(paths: RunPaths, profile: Profile, data_dir, **overrides):
     """The evaluation a profile implies: classifier reused from WORK/evaluation when present,
     generated set from WORK/generated, few-shot regimes from WORK/fewshot_K/generated if run."""
-    from mdgen_helpers.evaluate import EvalConfig
-
     few = {int(k): str(paths.few_shot(k).generated) for k in profile.few_shot
            if (paths.few_shot(k).generated / "manifest.json").is_file()}
     cfg = EvalConfig(
@@ -464,10 +298,3 @@ def eval_config(paths: RunPaths, profile: Profile, data_dir, **overrides):
             raise MdgenError(f"unknown evaluation setting {key!r}")
         setattr(cfg, key, value)
     return cfg
-
-
-def show_figures(metrics: dict, out_dir) -> list:
-    """The evaluation's saved figures, for display in a notebook (one IPython Image each)."""
-    from IPython.display import Image
-
-    return [Image(filename=str(Path(out_dir) / name)) for name in metrics.get("figures", [])]

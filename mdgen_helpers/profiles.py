@@ -20,9 +20,12 @@ Profiles:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from mdgen_helpers.errors import MdgenError
 
 
 @dataclass
@@ -110,8 +113,6 @@ def get_profile(name: str | None = None, **overrides: Any) -> Profile:
     """
     name = name or os.environ.get("MDGEN_PROFILE") or "cpu-demo"
     if name not in PROFILES:
-        from mdgen_helpers.errors import MdgenError
-
         raise MdgenError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     profile = dataclasses.replace(PROFILES[name])
     types = {f.name: f.type for f in dataclasses.fields(Profile)}
@@ -121,9 +122,7 @@ def get_profile(name: str | None = None, **overrides: Any) -> Profile:
             overrides.setdefault(f.name, _parse(env, getattr(profile, f.name)))
     for key, value in overrides.items():
         if key not in types:
-            from mdgen_helpers.errors import MdgenError
-
-            raise MdgenError(f"unknown profile field {key!r}")
+                raise MdgenError(f"unknown profile field {key!r}")
         setattr(profile, key, value)
     return profile
 
@@ -131,8 +130,6 @@ def get_profile(name: str | None = None, **overrides: Any) -> Profile:
 def _parse(text: str, like: Any) -> Any:
     """Parse an environment string to the type of the field's current value."""
     if isinstance(like, dict):
-        import json
-
         return json.loads(text)
     if isinstance(like, bool):
         return text.lower() in ("1", "true", "yes")

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from mdgen_helpers.errors import MdgenError
-from mdgen_helpers.io import atomic_write_bytes, atomic_write_json, read_json
+from mdgen_helpers.files import atomic_write_bytes, atomic_write_json, read_json
 
 SIMULATOR_VERSION = 1
 SUPPORTED_CARRIERS_GHZ = (5.8, 24.0, 77.0)

@@ -31,9 +31,16 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
-from mdgen_helpers import io
+from mdgen_helpers import data, vavae
+from mdgen_helpers.colormap import colormap_index, colormap_lut_tensor
+from mdgen_helpers.env import mixed_precision_for
 from mdgen_helpers.errors import CheckpointError, DataError
+from mdgen_helpers.files import atomic_save_safetensors, load_safetensors_metadata, read_json, sha256_bytes
+from mdgen_helpers.metrics import psnr, ssim
 
 LATENT_SHAPE = (32, 16, 16)
 IMAGE_SIZE = 256
@@ -50,8 +57,6 @@ COLORMAP_FIT_WARN_DISTANCE = 0.1
 def compute_dtype(device: torch.device | str) -> torch.dtype:
     """Compute dtype for a device: fp32 on CPU; on CUDA the project's one rule
     (`env.mixed_precision_for`: bf16 on compute capability >= 8, fp16 below, e.g. a T4)."""
-    from mdgen_helpers.env import mixed_precision_for
-
     device = torch.device(device)
     if device.type != "cuda":
         return torch.float32
@@ -127,8 +132,6 @@ class VAVAETokenizer(Tokenizer):
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None) -> "VAVAETokenizer":
-        from mdgen_helpers import vavae
-
         model = vavae.load_vavae(path)  # float32 on the CPU; `to` picks device and dtype
         return cls(model, model.identity, device=device, dtype=dtype)
 
@@ -161,7 +164,7 @@ def _tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
     for name, t in sorted(tensors.items()):
         t = t.detach().cpu().float().contiguous()
         parts.append(f"{name}:{tuple(t.shape)}:".encode() + t.numpy().tobytes())
-    return io.sha256_bytes(b"|".join(parts))[:16]
+    return sha256_bytes(b"|".join(parts))[:16]
 
 
 def images_to_patches(images: torch.Tensor, patch: int = 16) -> torch.Tensor:
@@ -253,13 +256,11 @@ class PatchPCATokenizer(Tokenizer):
     def save(self, path) -> Path:
         meta = {"kind": STANDIN_KIND, "identity": self.identity, "latent_shape": list(LATENT_SHAPE),
                 "image_size": IMAGE_SIZE, "patch_size": 16, **{k: v for k, v in self.meta.items() if k not in ("kind", "identity")}}
-        return io.atomic_save_safetensors(self.tensors(), path, meta)
+        return atomic_save_safetensors(self.tensors(), path, meta)
 
     @classmethod
     def load(cls, path, device="cpu") -> "PatchPCATokenizer":
-        from safetensors.torch import load_file
-
-        meta = io.load_safetensors_metadata(path)
+        meta = load_safetensors_metadata(path)
         if meta.get("kind") != STANDIN_KIND:
             raise CheckpointError(f"{path} is not a stand-in tokenizer file (metadata kind={meta.get('kind')!r}, expected {STANDIN_KIND!r})")
         t = load_file(str(path))
@@ -278,39 +279,6 @@ class PatchPCATokenizer(Tokenizer):
 
 TABLE_BINS = (256, 16)  # decode table: decoded scalar bins x local-mean (9x9) bins
 TABLE_BLUR = 9
-
-
-def colormap_lut_tensor(colormap: str = "jet") -> torch.Tensor:
-    """(256, 3) float32 in [-1, 1]: the simulator's LUT (`simulate.colormap_lut`), so the
-    inversion matches the rendering exactly."""
-    from mdgen_helpers.simulate import colormap_lut
-
-    try:
-        lut = colormap_lut(colormap)
-    except (KeyError, ValueError) as e:
-        raise DataError(f"unknown colormap {colormap!r} for the colormap stand-in ({e}); use a matplotlib colormap name such as 'jet'") from e
-    return torch.from_numpy(lut.astype("float32")) / 127.5 - 1.0
-
-
-def colormap_index(images: torch.Tensor, lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest LUT entry of every pixel: (index (B, H, W) int64, distance (B, H, W) in [0, 1]
-    RGB units). Pixels are quantised to 8 bits (what images on disk hold) and only the distinct
-    colours (~20k per JPEG spectrogram, not 65k pixels) are compared with the 256 entries, with one
-    matmul per chunk: ~10x less work than per pixel, exact, and the same code runs on a GPU."""
-    q = ((images + 1.0) * 127.5).round().clamp(0, 255).long()
-    key = (q[:, 0] * 256 + q[:, 1]) * 256 + q[:, 2]
-    colours, inverse = torch.unique(key, return_inverse=True)
-    rgb = torch.stack([colours // 65536, (colours // 256) % 256, colours % 256], 1).float() / 127.5 - 1.0
-    lut = lut.to(rgb.device)
-    lut_sq = (lut * lut).sum(1)
-    idx = torch.empty(len(colours), dtype=torch.long, device=rgb.device)
-    dist = torch.empty(len(colours), device=rgb.device)
-    for i in range(0, len(colours), 1 << 16):
-        c = rgb[i:i + (1 << 16)]
-        d2, j = (lut_sq - 2 * c @ lut.T).min(1)
-        idx[i:i + len(c)] = j
-        dist[i:i + len(c)] = (d2 + (c * c).sum(1)).clamp_min(0).sqrt() / 2  # [-1, 1] units -> [0, 1]
-    return idx[inverse], dist[inverse]
 
 
 def arc_length_scalar(lut: torch.Tensor) -> torch.Tensor:
@@ -420,13 +388,11 @@ class ColormapPCATokenizer(Tokenizer):
         meta = {"kind": COLORMAP_STANDIN_KIND, "identity": self.identity, "latent_shape": list(LATENT_SHAPE),
                 "image_size": IMAGE_SIZE, "patch_size": 16, "table_bins": list(TABLE_BINS), "table_blur": TABLE_BLUR,
                 **{k: v for k, v in self.meta.items() if k not in ("kind", "identity")}}
-        return io.atomic_save_safetensors(self.tensors(), path, meta)
+        return atomic_save_safetensors(self.tensors(), path, meta)
 
     @classmethod
     def load(cls, path, device="cpu") -> "ColormapPCATokenizer":
-        from safetensors.torch import load_file
-
-        meta = io.load_safetensors_metadata(path)
+        meta = load_safetensors_metadata(path)
         if meta.get("kind") != COLORMAP_STANDIN_KIND:
             raise CheckpointError(f"{path} is not a colormap stand-in file (metadata kind={meta.get('kind')!r}, "
                                   f"expected {COLORMAP_STANDIN_KIND!r})")
@@ -465,8 +431,6 @@ def _check_kind(kind: str) -> str:
 def _patch_moments(images: Iterable, total: int, d: int, to_patches, progress: bool, batch_size: int):
     """Sum and second-moment matrix of the patch vectors `to_patches(batch)` returns, accumulated
     batch by batch in float64 (float32 matmuls: fast; float64 running sums: exact enough)."""
-    from tqdm.auto import tqdm
-
     s1 = torch.zeros(d, dtype=torch.float64)
     s2 = torch.zeros(d, d, dtype=torch.float64)
     count = 0
@@ -582,7 +546,7 @@ def standin_is_current(path, split, seed: int = 0, num_images: int = 512, kind: 
     if not path.is_file():
         return False
     try:
-        meta = io.load_safetensors_metadata(path)
+        meta = load_safetensors_metadata(path)
     except Exception:  # unreadable: refit over it
         return False
     return (meta.get("kind") == STANDIN_KINDS[_check_kind(kind)] and meta.get("split_hash") == split.hash
@@ -596,8 +560,6 @@ def ensure_standin(data_dir, split, path, seed: int = 0, num_images: int = 512, 
     settings, else fit it on the train images and save it (atomically). Refitting gives the same
     file, so this only saves time; a changed split, seed or kind refits, so stale weights are
     never reused."""
-    from mdgen_helpers import data
-
     path = Path(path)
     if not force and standin_is_current(path, split, seed, num_images, kind):
         return load_tokenizer(path, device=device)
@@ -607,7 +569,7 @@ def ensure_standin(data_dir, split, path, seed: int = 0, num_images: int = 512, 
     radar_file = Path(data_dir) / "users.json"  # simulated data sets record their colormap
     if kind == "colormap-pca" and radar_file.is_file():
         try:
-            colormap = str(io.read_json(radar_file).get("radar", {}).get("colormap", "jet"))
+            colormap = str(read_json(radar_file).get("radar", {}).get("colormap", "jet"))
         except Exception:
             colormap = "jet"
     tok = fit_standin(data.ImageDataset(data_dir, split, "train"), num_images=num_images, seed=seed, progress=progress,
@@ -623,8 +585,6 @@ def ensure_standin(data_dir, split, path, seed: int = 0, num_images: int = 512, 
 
 def _safetensors_header(path: Path) -> tuple[dict, list[str]] | None:
     """(metadata, keys) if `path` is a safetensors file, else None."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {}), list(f.keys())
@@ -670,38 +630,6 @@ def load_tokenizer(path, device="cpu") -> Tokenizer:
 # --------------------------------------------------------------------------------------------
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak = 1 after mapping to [0, 1])."""
-    mse = ((a.float() - b.float()) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004): 11x11 Gaussian window (sigma 1.5), K1=0.01, K2=0.03,
-    data range 1 (images mapped from [-1, 1] to [0, 1]), valid-window mean over pixels and
-    channels. Same formula as skimage's `structural_similarity(gaussian_weights=True)` up to border handling.
-    Computed in float64: var = E[x^2] - E[x]^2 cancels, and float32 round-off is then not
-    negligible next to C2 = 9e-4 (it shifts SSIM in the 4th digit). Returned as float32."""
-    a = (a.double() + 1) / 2
-    b = (b.double() + 1) / 2
-    c = a.shape[1]
-    x = torch.arange(window, dtype=torch.float64, device=a.device) - (window - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    kernel = torch.outer(g, g).expand(c, 1, window, window).contiguous()
-
-    def filt(t):
-        return F.conv2d(t, kernel, groups=c)
-
-    mu_a, mu_b = filt(a), filt(b)
-    var_a = filt(a * a) - mu_a**2
-    var_b = filt(b * b) - mu_b**2
-    cov = filt(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1).float()
-
-
 def _dataset_labels(dataset) -> list[int]:
     """Labels without decoding images when the dataset lists them (data.ImageDataset.file_labels)."""
     for attr in ("file_labels", "labels"):
@@ -712,8 +640,8 @@ def _dataset_labels(dataset) -> list[int]:
 
 
 @torch.no_grad()
-def reconstruction_report(tokenizer: Tokenizer, dataset, per_user: int = 4, batch_size: int = 16,
-                          user_map=None, num_examples: int = 8) -> dict:
+def reconstruction_report(tokenizer: Tokenizer, dataset, user_map, per_user: int = 4, batch_size: int = 16,
+                          num_examples: int = 8) -> dict:
     """Encode+decode the first `per_user` images of each user of `dataset` (items (image, label,
     index)); PSNR/SSIM per user and overall. `examples` holds up to `num_examples` (original,
     reconstruction) pairs (float tensors in [-1, 1], one per user first) for plotting; every
@@ -743,7 +671,7 @@ def reconstruction_report(tokenizer: Tokenizer, dataset, per_user: int = 4, batc
     per = {}
     for lab in sorted(chosen):
         m = labs_t == lab
-        key = str(user_map.user_of_label(lab)) if user_map is not None else str(lab + 1)
+        key = str(user_map.user_of_label(lab))
         per[key] = {"label": lab, "n": int(m.sum()), "psnr": float(p[m].mean()), "ssim": float(s[m].mean())}
     # examples: one image per user first, so a small grid shows every user
     first = [labs.index(lab) for lab in sorted(chosen)]
@@ -778,8 +706,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args) -> int:
-    from mdgen_helpers import data
-
     split = data.load_split(args.split)
     data.check_split(split, args.data_dir)
     out = Path(args.out)

@@ -23,7 +23,8 @@ Lessons from the project this replaces, each handled here:
 - `--time_budget` (hours) stops with a checkpoint before Kaggle's 12-hour kill; the next session
   runs the same command with --resume;
 - decisions every rank must share (skip, early stop, time stop) are reduced across processes;
-- `launch_training` picks notebook_launcher or an `accelerate launch` subprocess and says which.
+- how it is launched (notebook_launcher, `accelerate launch`, this process) is `launch.py`'s concern,
+  the run-folder format `checkpoints.py`'s.
 
 Run layout (docs/design.md "train"): `config.json`, `ema.safetensors`, `metrics.jsonl`,
 `result.json`, `checkpoints/step_0000100/` (Accelerate `save_state` + `complete.json`),
@@ -32,15 +33,13 @@ Run layout (docs/design.md "train"): `config.json`, `ema.safetensors`, `metrics.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import re
+import resource
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,19 +48,23 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
 
-from mdgen_helpers import io
+from mdgen_helpers import checkpoints, dit, generate, viz
+from mdgen_helpers.env import mixed_precision_for
 from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, DataError, MdgenError
+from mdgen_helpers.files import atomic_write_json, atomic_write_text, load_safetensors_metadata
+from mdgen_helpers.flow import flow_matching_loss, sample_time
+from mdgen_helpers.latents import LatentStats, load_latents, load_stats
+from mdgen_helpers.tokenizers import load_tokenizer
 from mdgen_helpers.users import UserMap
-
-CKPT_DIR = "checkpoints"
-CKPT_RE = re.compile(r"^step_(\d{7,})$")
-COMPLETE = "complete.json"
-EMA_NAME = "ema.safetensors"
 # Validation: a fixed grid of t and fixed noise seeds, so val_loss is comparable across steps and runs.
 VAL_T_GRID = tuple((k + 0.5) / 8 for k in range(8))
 VAL_SEED = 1_000_003
-PREVIEW_SEED = 2_000_003
 PRECISIONS = {
     "auto": "auto", "no": "no", "32": "no", "fp32": "no", "32-true": "no",
     "fp16": "fp16", "16": "fp16", "16-mixed": "fp16", "bf16": "bf16", "bf16-mixed": "bf16",
@@ -147,8 +150,7 @@ class TrainData:
     train_y: torch.Tensor          # (N,) int64 labels
     val_z: torch.Tensor | None
     val_y: torch.Tensor | None
-    mean: torch.Tensor             # (C,)
-    std: torch.Tensor              # (C,)
+    stats: LatentStats
     user_map: UserMap
     tokenizer: str
     split_hash: str
@@ -156,7 +158,7 @@ class TrainData:
     @property
     def identity(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer, "split_hash": self.split_hash, "user_map": self.user_map.to_json(),
-                "latent_mean": self.mean.tolist(), "latent_std": self.std.tolist()}
+                **self.stats.to_json()}
 
 
 def resolve_precision(requested: str, device_type: str, capability: tuple[int, int] | None = None) -> str:
@@ -172,8 +174,6 @@ def resolve_precision(requested: str, device_type: str, capability: tuple[int, i
         if mode == "fp16":
             raise TrainConfigError("fp16 mixed precision needs a CUDA GPU; on CPU use --precision 32 (or auto)")
         return "no" if mode == "auto" else mode
-    from mdgen_helpers.env import mixed_precision_for
-
     cap = capability or torch.cuda.get_device_capability()
     if mode == "auto":
         return mixed_precision_for(cap)
@@ -187,8 +187,6 @@ def resolve_precision(requested: str, device_type: str, capability: tuple[int, i
 
 def load_train_data(cfg: TrainConfig, num_processes: int = 1) -> TrainData:
     """Read and check the latents; raise a TrainConfigError / ArtifactMismatchError on bad input."""
-    from mdgen_helpers.latents import load_latents, load_stats
-
     ldir = Path(cfg.latent_dir)
     if not ldir.is_dir():
         raise TrainConfigError(f"latent directory {ldir} does not exist; run `python -m mdgen_helpers extract` first")
@@ -207,7 +205,7 @@ def load_train_data(cfg: TrainConfig, num_processes: int = 1) -> TrainData:
                 f"{other.split_hash[:12]}); re-run `python -m mdgen_helpers extract` for one split"
             )
         train.check_compatible(other)
-    mean, std, smeta = load_stats(ldir, tokenizer=train.tokenizer, split_hash=train.split_hash)
+    stats, _ = load_stats(ldir, tokenizer=train.tokenizer, split_hash=train.split_hash)
     if len(train) == 0:
         raise DataError(f"{ldir}/train.safetensors holds no latents: the train split is empty")
     if val is not None and len(val) == 0:
@@ -220,45 +218,28 @@ def load_train_data(cfg: TrainConfig, num_processes: int = 1) -> TrainData:
             f"{len(train)} train latents; use --batch_size <= {len(train) // num_processes}"
         )
     for name, t in (("train latents", train.latents), ("train posterior std", train.latents_std),
-                    ("stats mean", mean), ("stats std", std)):
+                    ("stats mean", stats.mean), ("stats std", stats.std)):
         if not torch.isfinite(t).all():
             raise DataError(f"{ldir}: {name} contain NaN/inf values; re-run extract")
-    if (std <= 0).any():
+    if (stats.std <= 0).any():
         raise DataError(f"{ldir}/stats.safetensors: std has non-positive channels; re-run extract")
     users = train.user_map
     labels = train.labels
     if labels.min() < 0 or labels.max() >= users.num_users:
         raise DataError(f"{ldir}: train labels outside 0..{users.num_users - 1}; re-run extract")
-    C = mean.numel()
-    m, s = mean.view(1, C, 1, 1).float(), std.view(1, C, 1, 1).float()
     return TrainData(
-        train_z=((train.latents.float() - m) / s).contiguous(),
-        train_std=(train.latents_std.float() / s).contiguous(),
+        train_z=stats.normalize(train.latents).contiguous(),
+        train_std=stats.normalize_std(train.latents_std).contiguous(),
         train_y=labels.long(),
-        val_z=None if val is None else ((val.latents.float() - m) / s).contiguous(),
+        val_z=None if val is None else stats.normalize(val.latents).contiguous(),
         val_y=None if val is None else val.labels.long(),
-        mean=mean.float(), std=std.float(), user_map=users,
+        stats=stats, user_map=users,
         tokenizer=train.tokenizer, split_hash=train.split_hash,
     )
 
 
-def _ours_ema_file(path: Path) -> Path | None:
-    """Our EMA file for a run folder or file, or None when `path` is not one of our runs."""
-    cand = path / EMA_NAME if path.is_dir() else path
-    if cand.suffix == ".safetensors" and cand.is_file():
-        try:
-            meta = io.load_safetensors_metadata(cand)
-        except Exception:  # noqa: BLE001 - unreadable: let the official loader report it
-            return None
-        if "model_config" in meta:
-            return cand
-    return None
-
-
 def build_initial_model(cfg: TrainConfig, data: TrainData):
     """(model, info): a fresh preset, or weights from --init_from after checking they fit the data."""
-    from mdgen_helpers import dit
-
     num_users = data.user_map.num_users
     if not cfg.init_from:
         overrides = {"class_dropout_prob": cfg.label_dropout, **cfg.model_overrides}
@@ -271,11 +252,9 @@ def build_initial_model(cfg: TrainConfig, data: TrainData):
     path = Path(cfg.init_from)
     if not path.exists():
         raise CheckpointError(f"--init_from {path} does not exist")
-    ours = _ours_ema_file(path)
+    ours = checkpoints.is_ema_file(path)
     if ours is not None:
-        from safetensors.torch import load_file
-
-        meta = io.load_safetensors_metadata(ours)
+        meta = load_safetensors_metadata(ours)
         if meta.get("tokenizer") != data.tokenizer:
             raise ArtifactMismatchError(
                 f"--init_from {ours} was trained on latents of tokenizer {meta.get('tokenizer')!r}, but "
@@ -293,61 +272,14 @@ def build_initial_model(cfg: TrainConfig, data: TrainData):
         return model, {"init": f"our run {ours} (step {meta.get('step')})"}
     sd, info = dit.load_official_weights(path, num_users, use_ema=True, seed=cfg.seed)
     arch = {**info["arch"], "num_classes": num_users, "class_dropout_prob": cfg.label_dropout}
-    if int(arch.get("in_channels", data.mean.numel())) != data.mean.numel():
+    if int(arch.get("in_channels", data.stats.channels)) != data.stats.channels:
         raise ArtifactMismatchError(
-            f"--init_from {path} expects {arch['in_channels']}-channel latents, the latents have {data.mean.numel()}"
+            f"--init_from {path} expects {arch['in_channels']}-channel latents, the latents have {data.stats.channels}"
         )
     arch["input_size"] = int(data.train_z.shape[-1])
     model = dit.LightningDiT(**arch)
     dit.load_weights(model, sd, strict=True, source=str(path))
     return model, {"init": f"official weights {path}", **{k: v for k, v in info.items() if k != "arch"}}
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
-    """Complete checkpoints (a `complete.json` inside) of a run, oldest first, by step number.
-
-    Temp folders (`.tmp_step_*`) and folders without the marker are what a killed save leaves;
-    they are ignored here and removed by the next save."""
-    root = Path(output_dir) / CKPT_DIR
-    out = []
-    if root.is_dir():
-        for p in root.iterdir():
-            m = CKPT_RE.match(p.name)
-            if m and p.is_dir() and (p / COMPLETE).is_file():
-                out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def latest_checkpoint(output_dir) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1][1] if ckpts else None
-
-
-def _resume_folder(cfg: TrainConfig) -> Path | None:
-    if not cfg.resume:
-        if list_checkpoints(cfg.output_dir):
-            raise TrainConfigError(
-                f"{cfg.output_dir} already holds checkpoints; pass --resume to continue that run, "
-                "or choose a new --output_dir"
-            )
-        return None
-    if isinstance(cfg.resume, str) and cfg.resume.lower() not in ("true", "latest", "auto"):
-        p = Path(cfg.resume)
-        if not (p / COMPLETE).is_file():
-            raise CheckpointError(f"--resume {p} is not a complete checkpoint folder (no {COMPLETE})")
-        return p
-    return latest_checkpoint(cfg.output_dir)
-
-
-def _model_ema_metadata(model_cfg, data: TrainData, cfg: TrainConfig, step: int, init: str) -> dict[str, Any]:
-    """What generation needs besides the weights (docs/design.md "train"), plus provenance."""
-    return {"model_config": model_cfg, **data.identity, "step": step, "train_config": cfg.to_json(),
-            "init": init, "format": "mdgen-dit-ema-v1"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,8 +313,6 @@ def step_draws(cfg: TrainConfig, step: int, n_train: int, step_batch: int, shape
     step `step`, for all `step_batch` = batch_size * processes * grad_accum samples. Slicing this
     one draw per (micro-step, rank) makes 2 processes x batch 4, 1 process x batch 4 x accum 2
     and 1 process x batch 8 see the same samples, noise, t and dropout."""
-    from mdgen_helpers.flow import sample_time
-
     per_epoch = n_train // step_batch
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(n_train, generator=_generator(cfg.seed, 1, epoch))
@@ -406,8 +336,6 @@ def validation_loss(model, z: torch.Tensor, y: torch.Tensor, device, rank: int =
     """Mean flow-matching loss of `model` on val latents over the fixed t grid VAL_T_GRID with
     noise seeded per val sample (VAL_SEED, i): the same numbers for the same weights, whatever
     the batch size, rank count or run. Returns (mean, per-t means); sums are reduced by the caller."""
-    from mdgen_helpers.flow import flow_matching_loss
-
     K = len(VAL_T_GRID)
     sums = torch.zeros(K + 1, dtype=torch.float64)
     mine = list(range(rank, z.shape[0], world))
@@ -429,34 +357,27 @@ def validation_loss(model, z: torch.Tensor, y: torch.Tensor, device, rank: int =
     return sums
 
 
-def _grid_png(images_by_user: dict[int, list], title: str, path: Path) -> None:
-    """Preview grid through viz.user_grid (matplotlib)."""
-    from mdgen_helpers import viz
-
-    viz.save_figure(viz.user_grid(images_by_user, title=title), path)
-
-
 @torch.no_grad()
-def write_preview(ema_model, tokenizer, data: TrainData, cfg: TrainConfig, step: int, out: Path, device) -> Path:
-    """Per-user grid from the EMA model: short Euler ODE with guidance, fixed seeds, decoded to PNG."""
-    from mdgen_helpers.dit import null_label
-    from mdgen_helpers.flow import guided_velocity, sample_ode
-
-    users = list(range(min(cfg.preview_users, data.user_map.num_users)))
-    labels = torch.tensor([u for u in users for _ in range(cfg.preview_per_user)], device=device)
-    shape = tuple(data.train_z.shape[1:])
-    x0 = torch.randn((len(labels), *shape), generator=_generator(PREVIEW_SEED, cfg.seed)).to(device)
+def write_preview(ema_model, tokenizer, data: TrainData, cfg: TrainConfig, step: int, out: Path) -> Path:
+    """Per-user grid from the EMA model through the generation sampler (`generate.sample_latents`,
+    Euler, fixed per-image seeds) and the one denormalisation, decoded to PNG."""
     model = ema_model.eval()
+    sampler = generate.Generator(model=model, user_map=data.user_map, stats=data.stats,
+                                 tokenizer_identity=data.tokenizer, model_config=dit.model_config(model),
+                                 latent_shape=tuple(data.train_z.shape[1:]), step=step, split_hash=data.split_hash)
+    user_ids = list(data.user_map.user_ids[:cfg.preview_users])
+    jobs = [(u, k) for u in user_ids for k in range(1, cfg.preview_per_user + 1)]
     scale = cfg.preview_guidance if model.config["class_dropout_prob"] > 0 else 1.0
-    vf = guided_velocity(model, labels, scale, null_label(model.num_classes) if scale != 1.0 else None)
-    z, _ = sample_ode(vf, x0, cfg.preview_steps, method="euler")
-    z = z.float().cpu() * data.std.view(1, -1, 1, 1) + data.mean.view(1, -1, 1, 1)
-    images = tokenizer.decode(z.to(tokenizer.device) if hasattr(tokenizer, "device") else z).float().cpu()
+    z = generate.sample_latents(sampler, [u for u, _ in jobs], [generate.image_seed(cfg.seed, u, k) for u, k in jobs],
+                                guidance_scale=scale, num_steps=cfg.preview_steps, solver="euler",
+                                batch_size=len(jobs))
+    images = generate.decode_to_uint8(tokenizer, z, batch_size=len(jobs))
     by_user: dict[int, list] = {}
-    for img, lab in zip(images, labels.tolist()):
-        by_user.setdefault(data.user_map.user_of_label(lab), []).append(img)
+    for img, (uid, _) in zip(images, jobs):
+        by_user.setdefault(uid, []).append(img)
     path = out / "previews" / f"step_{step:07d}.png"
-    _grid_png(by_user, f"step {step} (EMA, Euler {cfg.preview_steps} steps, guidance {scale:g})", path)
+    viz.save_figure(viz.user_grid(by_user, title=f"step {step} (EMA, Euler {cfg.preview_steps} steps, guidance {scale:g})"),
+                    path)
     return path
 
 
@@ -491,8 +412,6 @@ def ema_update_fn(decay: float, warmup: bool = True):
 def _memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -537,14 +456,6 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
     Call it from every process (the CLI under `accelerate launch`, notebook_launcher) or from one.
     `loss_hook(step, per_sample_loss) -> per_sample_loss` is a diagnostic hook (tests inject a
     non-finite loss with it to prove the skip path)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from torch.optim.swa_utils import AveragedModel
-    from tqdm.auto import tqdm
-
-    from mdgen_helpers.dit import model_config
-    from mdgen_helpers.flow import flow_matching_loss
-
     t_session = time.time()
     _check_config(cfg)
     out = Path(cfg.output_dir)
@@ -557,17 +468,16 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = load_train_data(cfg, world)
     model, init_info = build_initial_model(cfg, data)
-    resume_from = _resume_folder(cfg)
+    resume_from = checkpoints.resume_folder(cfg.output_dir, cfg.resume)
     if cfg.resume and resume_from is None and os.environ.get("RANK", "0") == "0":
-        print(f"note: --resume found no complete checkpoint in {out / CKPT_DIR}; starting from step 0", flush=True)
+        print(f"note: --resume found no complete checkpoint in {out / checkpoints.CKPT_DIR}; starting from step 0",
+              flush=True)
     state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "best_val": None, "bad_vals": 0}
     if resume_from is not None:
-        state = _check_resume(resume_from, model_config(model), data, cfg, world)
+        state = _check_resume(resume_from, dit.model_config(model), data, cfg, world)
     state["init"] = init_info["init"]
     tokenizer = None
     if cfg.preview_every:
-        from mdgen_helpers.tokenizers import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.tokenizer)
         if tokenizer.identity != data.tokenizer:
             raise ArtifactMismatchError(
@@ -587,7 +497,7 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
     global_batch = cfg.batch_size * P
     n_train = data.train_z.shape[0]
     max_steps = _steps_limit(cfg, n_train, global_batch)
-    mcfg = model_config(model)
+    mcfg = dit.model_config(model)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     warm = max(0, int(cfg.warmup_steps))
@@ -603,7 +513,7 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(out / "metrics.jsonl", state["step"])
-        io.atomic_write_json(out / "config.json", _model_ema_metadata(mcfg, data, cfg, state["step"], state["init"]))
+        checkpoints.write_config(out, _ema_metadata(mcfg, data, cfg, state["step"], state["init"]))
     if cfg.tensorboard:
         accelerator.init_trackers("mdgen", config={k: v for k, v in cfg.to_json().items()
                                                    if isinstance(v, (int, float, str, bool))})
@@ -723,7 +633,7 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
 
         if cfg.preview_every and step % cfg.preview_every == 0:
             if main:
-                p = write_preview(ema.module, tokenizer.to(device), data, cfg, step, out, device)
+                p = write_preview(ema.module, tokenizer.to(device), data, cfg, step, out)
                 print_main(f"preview: {p}")
             accelerator.wait_for_everyone()
 
@@ -749,12 +659,12 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
     result = {
         "step": step, "max_steps": max_steps, "stopped": stop_reason, "skipped_steps": skipped,
         "final_loss": losses[-1] if losses else None, "losses": losses, "val_loss_ema": last_val,
-        "checkpoint": str(latest_checkpoint(out)), "ema": str(out / EMA_NAME), "precision": mixed,
+        "checkpoint": str(checkpoints.latest_checkpoint(out)), "ema": str(out / checkpoints.EMA_NAME), "precision": mixed,
         "num_processes": P, "global_batch": global_batch, "resumed_from": str(resume_from) if resume_from else None,
         "seconds": time.time() - t_session,
     }
     if main:
-        io.atomic_write_json(out / "result.json", {k: v for k, v in result.items() if k != "losses"})
+        atomic_write_json(out / "result.json", {k: v for k, v in result.items() if k != "losses"})
     return result
 
 
@@ -777,18 +687,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue
-    io.atomic_write_text(path, "".join(x + "\n" for x in keep))
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
+def _ema_metadata(mcfg: dict, data: TrainData, cfg: TrainConfig, step: int, init: str) -> dict[str, Any]:
+    return checkpoints.ema_metadata(mcfg, data.identity, step, cfg.to_json(), init)
 
 
 def _save_checkpoint(accelerator, ema, out: Path, step: int, skipped: int, state: dict, mcfg: dict,
                      data: TrainData, cfg: TrainConfig) -> Path | None:
     """Full state into checkpoints/step_XXXXXXX (temp folder, complete.json last, rename), the
     sampling export ema.safetensors + config.json, then keep-last-K pruning."""
-    root = out / CKPT_DIR
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}"
+    final = checkpoints.step_folder(out, step)
+    tmp = checkpoints.temp_folder(out, step)
     main = accelerator.is_main_process
-    if (final / COMPLETE).is_file():
+    if checkpoints.is_complete(final):
         return final
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -797,29 +710,21 @@ def _save_checkpoint(accelerator, ema, out: Path, step: int, skipped: int, state
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if main:
-        meta = _model_ema_metadata(mcfg, data, cfg, step, state.get("init", ""))
+        meta = _ema_metadata(mcfg, data, cfg, step, state.get("init", ""))
         marker = {**meta, "skipped_steps": skipped, "best_val": state.get("best_val"),
                   "bad_vals": state.get("bad_vals", 0), "num_processes": accelerator.num_processes,
                   "global_batch": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        io.atomic_write_json(tmp / COMPLETE, marker)
-        if final.exists():  # an incomplete folder of the same step from a killed save
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        io.atomic_save_safetensors(ema.module.state_dict(), out / EMA_NAME, metadata=meta)
-        io.atomic_write_json(out / "config.json", meta)
-        for _, old in list_checkpoints(out)[:-cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for p in root.iterdir():  # leftovers of killed saves
-            if p.name.startswith(".tmp_step_") and p != tmp:
-                shutil.rmtree(p, ignore_errors=True)
+        checkpoints.finish_step_folder(tmp, final, marker)
+        checkpoints.write_ema(out, ema.module.state_dict(), meta)
+        checkpoints.prune(out, cfg.keep_last, keep=tmp)
     accelerator.wait_for_everyone()
     return final
 
 
 def _check_resume(folder: Path, mcfg: dict, data: TrainData, cfg: TrainConfig, world: int) -> dict:
     """Read complete.json and refuse to resume into a different model, tokenizer, split or users."""
-    marker = io.read_json(folder / COMPLETE)
+    marker = checkpoints.read_marker(folder)
     for key in ("tokenizer", "split_hash", "user_map"):
         if marker.get(key) != data.identity[key]:
             raise ArtifactMismatchError(
@@ -837,167 +742,3 @@ def _check_resume(folder: Path, mcfg: dict, data: TrainData, cfg: TrainConfig, w
               "but the data order no longer repeats the original run exactly", file=sys.stderr)
     return {"step": int(marker["step"]), "skipped_steps": int(marker.get("skipped_steps", 0)),
             "best_val": marker.get("best_val"), "bad_vals": int(marker.get("bad_vals", 0))}
-
-
-# --------------------------------------------------------------------------------------------
-# Launching: in-process, notebook_launcher, or an `accelerate launch` subprocess
-# --------------------------------------------------------------------------------------------
-
-
-def _accelerate_launch_cmd(config_path: Path, num_processes: int, cpu: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
-    cmd += ["--multi_gpu"] if not cpu else ["--cpu"]
-    return cmd + ["-m", "mdgen_helpers", "train", "--config", str(config_path)]
-
-
-def _child_env() -> dict[str, str]:
-    """This environment, with the folder holding mdgen_helpers on PYTHONPATH: notebooks often
-    import the helpers through sys.path (a Kaggle dataset) rather than pip."""
-    pkg_parent = str(Path(__file__).resolve().parents[1])
-    old = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": pkg_parent + (os.pathsep + old if old else "")}
-
-
-def _run_streaming(cmd: list[str]) -> int:
-    """Run a command, echoing its output line by line (visible in a notebook cell)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=_child_env())
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-    return proc.wait()
-
-
-def _read_result(out: Path) -> dict:
-    p = out / "result.json"
-    if not p.is_file():
-        raise MdgenError(f"training ended without writing {p}; see the output above for the error")
-    return io.read_json(p)
-
-
-def launch_training(cfg: TrainConfig, num_processes: int | None = None) -> dict:
-    """Train from a notebook on `num_processes` GPUs (default: cfg.devices), choosing how:
-
-    - 1 process, or no CUDA: `train(cfg)` in this kernel;
-    - several GPUs, accelerate >= 1.14 with torch >= 2.9 (or older torch) and CUDA not yet
-      initialised here: `accelerate.notebook_launcher` (forks this kernel);
-    - otherwise: `accelerate launch -m mdgen_helpers train --config RUN/train_config.json` in a
-      subprocess whose output is streamed here.
-    The chosen path and why are printed; the summary is read back from RUN/result.json."""
-    from mdgen_helpers.env import notebook_launcher_status
-
-    n = int(num_processes or cfg.devices or 1)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() and not cfg.cpu else 0
-    if n <= 1 or gpus == 0:
-        print("launch_training: one process in this kernel" + ("" if n <= 1 else " (no CUDA GPU; --devices ignored)"))
-        return train(dataclasses.replace(cfg, devices=1))
-    if n > gpus:
-        raise TrainConfigError(f"{n} processes requested but only {gpus} GPU(s) are visible")
-    how, why = notebook_launcher_status(n)
-    from accelerate.state import AcceleratorState
-
-    if how == "notebook_launcher" and AcceleratorState._shared_state:
-        how, why = "subprocess", ("an Accelerator already exists in this kernel, which notebook_launcher refuses: "
-                                  "using `accelerate launch` in a subprocess")
-    print(f"launch_training: {how} - {why}")
-    cfg = dataclasses.replace(cfg, devices=n)
-    if how == "notebook_launcher":
-        from accelerate import notebook_launcher
-
-        try:
-            notebook_launcher(train, (cfg,), num_processes=n)
-            return _read_result(Path(cfg.output_dir))
-        except (RuntimeError, ValueError) as e:
-            if "initialized" not in str(e).lower() and "initialised" not in str(e).lower():
-                raise
-            print(f"launch_training: notebook_launcher refused ({str(e)[:200]}); falling back to a subprocess")
-    out = Path(cfg.output_dir)
-    config_path = io.atomic_write_json(out / "train_config.json", cfg.to_json())
-    rc = _run_streaming(_accelerate_launch_cmd(config_path, n))
-    if rc != 0:
-        raise MdgenError(f"`accelerate launch` training exited with code {rc}; see the output above")
-    return _read_result(out)
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def _under_launcher() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    a = parser.add_argument
-    a("--config", default=None, help="JSON file of TrainConfig fields (flags given on the command line override it)")
-    a("--latent_dir", default=None, help="extraction output (train/val .safetensors + stats.safetensors)")
-    a("--output_dir", default=None, help="run directory (checkpoints, ema.safetensors, metrics.jsonl)")
-    a("--preset", default=None, help=f"model size (dit.PRESETS, e.g. tiny, S/2, B/2, XL/1; default {d.preset})")
-    a("--model_overrides", default=None, help='JSON dict of LightningDiT arguments, e.g. \'{"depth": 2}\'')
-    a("--batch_size", type=int, default=None, help=f"per process (default {d.batch_size})")
-    a("--max_epochs", type=int, default=None, help=f"default {d.max_epochs}")
-    a("--max_steps", type=int, default=None, help="optimizer steps (the smaller limit wins)")
-    a("--lr", type=float, default=None, help=f"default {d.lr}")
-    a("--warmup_steps", type=int, default=None, help=f"linear LR warm-up (default {d.warmup_steps})")
-    a("--weight_decay", type=float, default=None, help=f"AdamW (default {d.weight_decay})")
-    a("--betas", type=float, nargs=2, default=None, help=f"AdamW betas (default {d.betas[0]} {d.betas[1]})")
-    a("--grad_accum", type=int, default=None, help="gradient accumulation micro-steps (default 1)")
-    a("--clip_norm", type=float, default=None, help=f"gradient clipping, 0 = off (default {d.clip_norm})")
-    a("--ema_decay", type=float, default=None, help=f"default {d.ema_decay} (0.9999 for ImageNet-size data)")
-    a("--no_ema_warmup", dest="ema_warmup", action="store_false", default=None,
-      help="use the full EMA decay from the first step (default: warm-up, see train.ema_decay_at)")
-    a("--label_dropout", type=float, default=None, help=f"label dropout for guidance (default {d.label_dropout})")
-    a("--time_dist", choices=["uniform", "logit_normal"], default=None, help="training t distribution")
-    a("--cosine_weight", type=float, default=None, help="weight of the velocity-direction loss (LightningDiT: 1.0)")
-    a("--resample_latents", action="store_true", default=None, help="z = mean + std * eps from the stored posterior")
-    a("--precision", default=None, help="auto|no|32|fp16|16-mixed|bf16|bf16-mixed (auto: bf16 on cc>=8.0, fp16 on T4, fp32 on CPU)")
-    a("--devices", type=int, default=None, help="processes/GPUs; > 1 re-launches through `accelerate launch`")
-    a("--cpu", action="store_true", default=None, help="train on the CPU even when a GPU is present")
-    a("--seed", type=int, default=None)
-    a("--log_every", type=int, default=None)
-    a("--val_every", type=int, default=None, help="validation loss every N steps (0 = off)")
-    a("--ckpt_every", type=int, default=None, help="checkpoint every N steps (0 = only at the end)")
-    a("--preview_every", type=int, default=None, help="preview grid every N steps (needs --tokenizer)")
-    a("--keep_last", type=int, default=None, help=f"checkpoints kept (default {d.keep_last})")
-    a("--early_stop_patience", type=int, default=None, help="stop after N validations without improvement (0 = off)")
-    a("--resume", nargs="?", const=True, default=None,
-      help="continue from the newest complete checkpoint in --output_dir (or from the given folder)")
-    a("--init_from", default=None, help="official LightningDiT checkpoint or one of our runs to start from")
-    a("--time_budget", type=float, default=None, help="hours this session may run (e.g. 11.5 on Kaggle)")
-    a("--tokenizer", default=None, help="tokenizer file (for decoding previews)")
-    a("--tensorboard", action="store_true", default=None, help="log to RUN/tensorboard")
-    a("--no_progress", action="store_true", default=None, help="no tqdm bar")
-
-
-def config_from_args(args) -> TrainConfig:
-    base = TrainConfig.from_json(io.read_json(args.config)).to_json() if args.config else TrainConfig().to_json()
-    for name in base:
-        v = getattr(args, name, None)
-        if v is not None:
-            base[name] = v
-    if isinstance(base.get("model_overrides"), str):
-        base["model_overrides"] = json.loads(base["model_overrides"])
-    if args.no_progress:
-        base["progress"] = False
-    return TrainConfig.from_json(base)
-
-
-def cli_main(args) -> int:
-    cfg = config_from_args(args)
-    if cfg.devices > 1 and not _under_launcher():
-        cuda = torch.cuda.is_available() and not cfg.cpu
-        if not cuda:
-            raise TrainConfigError(
-                f"--devices {cfg.devices} needs {cfg.devices} CUDA GPUs; none is visible. Use --devices 1 on the CPU."
-            )
-        out = Path(cfg.output_dir or ".")
-        config_path = io.atomic_write_json(out / "train_config.json", cfg.to_json())
-        cmd = _accelerate_launch_cmd(config_path, cfg.devices)
-        print("re-launching: " + " ".join(cmd), flush=True)
-        return subprocess.call(cmd, env=_child_env())
-    result = train(cfg)
-    print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=2))
-    return 0

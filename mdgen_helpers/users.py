@@ -4,6 +4,7 @@ Folder `ID_k` is user id k (1-based, as users speak) and class label k-1 (0-base
 sees it). Folders with other names are accepted in sorted order with an explicit mapping that
 is saved with every artifact. The null (unconditional) label for guidance is `num_users`; the
 model module owns that rule (`mdgen_helpers.dit.null_label`), this module only counts users.
+Generated images are named after the 1-based user id (`image_name`, `parse_image_name`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _ID_RE = re.compile(r"^ID_(\d+)$")
+_IMAGE_NAME_RE = re.compile(r"^micro_doppler_user(\d+)_(\d+)\.png$")
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,39 @@ class UserMap:
     def folder_of_label(self, label: int) -> str:
         return self.folders[int(label)]
 
+    def label_of_folder(self, folder: str) -> int:
+        try:
+            return self.folders.index(folder)
+        except ValueError:
+            raise ValueError(f"folder {folder!r} is not a user folder of this data set; known: "
+                             f"{_compact(self.folders)}") from None
+
+    def folder_of_user(self, user_id: int) -> str:
+        return self.folder_of_label(self.label_of_user(user_id))
+
+    def label_of_image_name(self, name: str) -> int | None:
+        """Label of a generated file `micro_doppler_userNN_KKK.png`; None for other names,
+        ValueError for a user id this map does not have."""
+        parsed = parse_image_name(name)
+        return None if parsed is None else self.label_of_user(parsed[0])
+
     def to_json(self) -> dict[str, Any]:
         return {"folders": list(self.folders), "user_ids": list(self.user_ids)}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "UserMap":
         return cls(tuple(obj["folders"]), tuple(int(i) for i in obj["user_ids"]))
+
+
+def image_name(user_id: int, sample_index: int) -> str:
+    """File name of generated image `sample_index` (1-based) of user `user_id` (1-based)."""
+    return f"micro_doppler_user{int(user_id):02d}_{int(sample_index):03d}.png"
+
+
+def parse_image_name(name: str) -> tuple[int, int] | None:
+    """(user_id, sample_index) of an `image_name`, or None for any other file name."""
+    m = _IMAGE_NAME_RE.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def default_user_id(folder: str, index: int) -> int:

@@ -43,7 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safetensors import SafetensorError, safe_open
+
 from mdgen_helpers.errors import CheckpointError
+from mdgen_helpers.files import atomic_save_safetensors, atomic_write_bytes, sha256_file
 
 # The four parameter groups that inference needs; everything else in an official checkpoint
 # (`loss.*`: LPIPS + discriminator, `foundation_model.*`: DINOv2, `linear_proj.*`: the VF-loss
@@ -377,8 +380,6 @@ def _read_file(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
             f"(e.g. vavae-imagenet256-f16d32-dinov2.pt or a slim .safetensors copy)"
         )
     if _is_safetensors(path):
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
@@ -592,8 +593,6 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, fp16:
     The metadata holds the architecture (so loading needs no inference), the source file's name
     and sha256, the stored dtype and the identity of the written weights. Returns that metadata.
     """
-    from mdgen_helpers.io import atomic_save_safetensors, sha256_file
-
     sd, arch, meta = _state_dict_and_arch(src)
     _build_checked(sd, arch, meta["source"], adopt=False)  # refuse to write a copy that would not load
     dtype = torch.float16 if fp16 else torch.float32
@@ -648,8 +647,6 @@ def write_random_checkpoint(path: str | os.PathLike, seed: int = 0, **arch) -> P
 
     `ch` defaults to 32 (about 17 MB) rather than 128 (280 MB); pass ch=128 for the full size.
     """
-    from mdgen_helpers.io import atomic_write_bytes
-
     arch = {"ch": 32, **arch}
     with torch.device("meta"):
         model = AutoencoderKL(**arch)

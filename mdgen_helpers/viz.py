@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from mdgen_helpers.io import atomic_write_bytes
+from mdgen_helpers.files import atomic_write_bytes
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Sequence
 
+from matplotlib.figure import Figure
+
 from mdgen_helpers.generate import (
     Generator,
     check_tokenizer,
@@ -21,6 +23,7 @@ from mdgen_helpers.generate import (
     normalize_solver,
     sample_latents,
 )
+from mdgen_helpers.viz import user_grid
 
 SOLVER_CHOICES = ("euler", "heun", "dopri5")
 STEP_CHOICES = (10, 25, 50, 100, 250)
@@ -57,8 +60,6 @@ def render_guidance_grid(
     batch_size: int = 16,
 ):
     """Grid (rows = users, `num_samples` columns) at one guidance setting, for inline display."""
-    from mdgen_helpers.viz import user_grid
-
     check_tokenizer(gen, tokenizer)
     by_user = _sample_images(gen, tokenizer, list(user_ids), num_samples, guidance_scale, num_steps, seed,
                              solver, timestep_shift, guidance_interval, batch_size)
@@ -81,8 +82,6 @@ def guidance_sweep_figure(
     """Rows = users, columns = guidance scales, same noise in every column (sample 1 of each
     user), so the only thing that changes along a row is the guidance: the headless figure for
     the report."""
-    from matplotlib.figure import Figure
-
     check_tokenizer(gen, tokenizer)
     user_ids = [int(u) for u in user_ids]
     columns = []

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mdgen_helpers import data, evaluate as ev
-from mdgen_helpers.io import atomic_write_json, sha256_file
+from mdgen_helpers import classifier, data, metrics, report
+from mdgen_helpers import evaluate as ev
+from mdgen_helpers.files import atomic_write_json, sha256_file
 
 USERS = 3
 PER_USER = 24
@@ -99,17 +100,17 @@ def test_generator_trained_on_another_split_is_refused(easy):
 
 def test_classifier_learns_easy_set_and_roundtrips(easy, tmp_path):
     split, data_dir = easy["split"], easy["data_dir"]
-    parts = {p: ev.load_split_part(data_dir, split, p, SIZE) for p in ("train", "val", "test")}
+    parts = {p: classifier.load_split_part(data_dir, split, p, SIZE) for p in ("train", "val", "test")}
     clf = ev.fit_user_classifier(data_dir, split, parts["train"], parts["val"], image_size=SIZE, epochs=6, seed=0,
                                  device=torch.device("cpu"), batch_size=16, min_steps=0)
-    rep = ev.classification_report(clf.model, parts["test"], split.user_map)
+    rep = classifier.classification_report(clf.model, parts["test"], split.user_map)
     assert rep["accuracy"] >= 0.9, rep
     assert np.asarray(rep["confusion_matrix"]).sum() == len(parts["test"])
-    path = ev.save_classifier(clf, tmp_path / "clf.safetensors")
+    path = classifier.save_classifier(clf, tmp_path / "clf.safetensors")
     assert json.loads(path.with_suffix(".json").read_text())["split_hash"] == split.hash
-    again = ev.load_classifier(path)
-    f1, p1 = ev.embed(clf.model, parts["test"].images)
-    f2, p2 = ev.embed(again.model, parts["test"].images)
+    again = classifier.load_classifier(path)
+    f1, p1 = classifier.embed(clf.model, parts["test"].images)
+    f2, p2 = classifier.embed(again.model, parts["test"].images)
     np.testing.assert_allclose(p1, p2, atol=1e-5)
     assert f1.shape == (len(parts["test"]), 512)
     # Same seed, same model: training is reproducible (one step on a small subset is enough to see it).
@@ -164,14 +165,14 @@ def test_metrics_json_has_documented_keys(full_run, easy):
 
 def test_headline_table_pairs_every_metric_with_a_baseline(full_run):
     _, m = full_run
-    rows = ev.headline_table(m)
+    rows = report.headline_table(m)
     names = [r[0] for r in rows]
     assert any("recognisability ratio" in n for n in names)
     assert any("Fréchet" in n for n in names)
     assert any("real + 3 synthetic/user" in n for n in names)
     assert any("few_shot_4" in n for n in names)
     assert all(len(r) == 3 and r[2] not in ("", None) for r in rows)
-    text = ev.format_table(rows)
+    text = report.format_table(rows)
     assert text.splitlines()[0] == "| metric | generated | real baseline |"
     assert len(text.splitlines()) == len(rows) + 2
 
@@ -208,7 +209,7 @@ def test_physics_check_reads_simulated_truth(tmp_path):
     split = data.make_split(data.validate_dataset(d), seed=0)
     files = [d / f for p in ("train", "val", "test") for f in split.files(p)]
     labels = [l for p in ("train", "val", "test") for l in split.labels(p)]
-    r = ev.physics_check(d / "users.json", split.user_map, (files, labels), (files[:2], labels[:2]), max_per_user=2)
+    r = metrics.physics_check(d / "users.json", split.user_map, (files, labels), (files[:2], labels[:2]), max_per_user=2)
     assert set(r["per_user"]) == {"1", "2"}
     assert r["torso_velocity_mae_generated"] < 0.25 and r["step_rate_mae_generated"] < 0.4, r
     row = r["per_user"]["1"]

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from mdgen_helpers import io
+from mdgen_helpers.files import atomic_save_safetensors, read_json, sha256_file
 from mdgen_helpers.cli import main as cli_main
 from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, MdgenError
 from mdgen_helpers.generate import (
@@ -21,7 +21,6 @@ from mdgen_helpers.generate import (
     SamplingSettings,
     UnknownUserError,
     generate_images,
-    image_name,
     image_seed,
     initial_noise,
     load_generator,
@@ -29,7 +28,7 @@ from mdgen_helpers.generate import (
     regenerate_image,
     sample_latents,
 )
-from mdgen_helpers.users import UserMap
+from mdgen_helpers.users import UserMap, image_name
 
 NUM_USERS = 5
 TINY = dict(input_size=16, patch_size=2, in_channels=32, hidden_size=64, depth=2, num_heads=2)
@@ -76,7 +75,7 @@ def write_tiny_run(run_dir, tokenizer_identity: str, seed: int = 0):
         "step": 123,
         "train_config": {"preset": "test"},
     }
-    io.atomic_save_safetensors(model.state_dict(), run_dir / "ema.safetensors", meta)
+    atomic_save_safetensors(model.state_dict(), run_dir / "ema.safetensors", meta)
     return run_dir
 
 
@@ -106,7 +105,7 @@ def test_load_generator_reads_everything_from_checkpoint(env):
     assert gen.num_users == NUM_USERS and gen.user_map.user_ids == (1, 2, 3, 4, 5)
     assert gen.tokenizer_identity == env["tok"].identity
     assert gen.latent_shape == (32, 16, 16) and gen.step == 123 and not gen.model.training
-    assert gen.checkpoint_sha256 == io.sha256_file(env["run"] / "ema.safetensors")
+    assert gen.checkpoint_sha256 == sha256_file(env["run"] / "ema.safetensors")
     # A RUN dir and its file are the same checkpoint.
     assert load_generator(env["run"] / "ema.safetensors").checkpoint_sha256 == gen.checkpoint_sha256
 
@@ -130,9 +129,9 @@ def test_files_are_named_like_the_data_and_manifest_records_everything(env, gene
         assert img.shape == (3, 256, 256) and img.dtype == torch.uint8
     assert (out / GRID_NAME).stat().st_size > 0
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
-    on_disk = io.read_json(out / MANIFEST_NAME)
+    on_disk = read_json(out / MANIFEST_NAME)
     assert on_disk == manifest
-    assert manifest["checkpoint_sha256"] == io.sha256_file(env["run"] / "ema.safetensors")
+    assert manifest["checkpoint_sha256"] == sha256_file(env["run"] / "ema.safetensors")
     assert manifest["tokenizer"] == env["tok"].identity
     s = manifest["settings"]
     assert (s["guidance_scale"], s["num_steps"], s["solver"], s["seed"]) == (3.0, 4, "euler", 7)
@@ -204,7 +203,7 @@ def test_guidance_scale_one_is_the_conditional_model(env):
 
     with torch.no_grad():
         x1, _ = sample_ode(conditional, initial_noise(seeds, gen.latent_shape), 5, method="heun")
-    expected = x1 * gen.latent_std.view(-1, 1, 1) + gen.latent_mean.view(-1, 1, 1)
+    expected = gen.stats.denormalize(x1)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -252,7 +251,7 @@ def test_cli_generates_with_the_seed_flags(env, tmp_path):
         "--seed", "5", "--batch_size", "1", "--device", "cpu", "--no_progress",
     ])
     assert rc == 0
-    m = io.read_json(out / MANIFEST_NAME)
+    m = read_json(out / MANIFEST_NAME)
     assert [r["file"] for r in m["images"]] == ["micro_doppler_user02_001.png", "micro_doppler_user02_002.png"]
     assert m["settings"]["timestep_shift"] == 0.3 and m["settings"]["guidance_interval"] == [0.1, 1.0]
     # The CLI output is the library output for the same settings (batch size aside).

@@ -50,13 +50,15 @@ def test_files_shapes_dtypes_metadata(setup):
 
 def test_stats_are_train_only(setup):
     work, *_ = setup
-    mean, std, meta = latents.load_stats(work / "latents")
+    stats, meta = latents.load_stats(work / "latents")
+    mean, std = stats.mean, stats.std
     train = latents.load_latents(work / "latents", "train").latents
     z = train.transpose(0, 1).reshape(32, -1).double()
     torch.testing.assert_close(mean, z.mean(1).float())
     torch.testing.assert_close(std, z.std(1, correction=0).float())
     everything = torch.cat([latents.load_latents(work / "latents", p).latents for p in latents.PARTS])
-    all_mean, all_std = latents.latent_stats(everything)
+    all_stats = latents.LatentStats.of(everything)
+    all_mean, all_std = all_stats.mean, all_stats.std
     assert not torch.allclose(mean, all_mean) and not torch.allclose(std, all_std)
     assert meta["split_hash"] == latents.load_latents(work / "latents", "train").split_hash
 
@@ -102,14 +104,14 @@ def test_rerun_skips_and_changed_inputs_recompute(setup, tmp_path):
     assert other.identity != tok.identity
     status = latents.extract_latents(root, split, other, out, batch_size=4, num_workers=0, progress=False)
     assert set(status.values()) == {"written"}
-    assert latents.load_stats(out)[2]["tokenizer"] == other.identity
+    assert latents.load_stats(out)[1]["tokenizer"] == other.identity
 
     # a changed split (few-shot subsample of train) -> new split hash -> recomputed, stats follow
     few = data.subsample_split(split, per_user=2, seed=0)
     status = latents.extract_latents(root, few, other, out, batch_size=4, num_workers=0, progress=False)
     assert set(status.values()) == {"written"}
     assert len(latents.load_latents(out, "train")) == 6
-    assert latents.load_stats(out, split_hash=few.hash)[2]["split_hash"] == few.hash
+    assert latents.load_stats(out, split_hash=few.hash)[1]["split_hash"] == few.hash
 
     # only the stats deleted -> parts skipped, stats recomputed from the train file
     os.remove(out / "stats.safetensors")
@@ -201,7 +203,8 @@ def test_two_process_gloo_extraction_matches_single_process(setup, tmp_path):
         assert a.meta == b.meta
         torch.testing.assert_close(a.latents, b.latents)
         assert torch.equal(a.labels, b.labels)
-    for x, y in zip(latents.load_stats(out)[:2], latents.load_stats(work / "latents")[:2]):
+    a, b = latents.load_stats(out)[0], latents.load_stats(work / "latents")[0]
+    for x, y in ((a.mean, b.mean), (a.std, b.std)):
         torch.testing.assert_close(x, y)
 
 
@@ -216,4 +219,4 @@ def test_vavae_extraction_through_random_official_checkpoint(setup, tmp_path):
     s = latents.load_latents(tmp_path / "lat", "train")
     assert s.latents.shape == (3, 32, 16, 16) and torch.all(s.latents_std > 0)
     assert s.tokenizer == vavae.vavae_identity(ckpt)
-    assert latents.load_stats(tmp_path / "lat")[2]["tokenizer"] == tok.identity
+    assert latents.load_stats(tmp_path / "lat")[1]["tokenizer"] == tok.identity

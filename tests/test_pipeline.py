@@ -2,7 +2,8 @@
 
 import pytest
 
-from mdgen_helpers import data, io, pipeline
+from mdgen_helpers import data, pipeline
+from mdgen_helpers.files import read_json
 from mdgen_helpers.profiles import get_profile
 
 
@@ -21,7 +22,7 @@ def test_pipeline_writes_every_artifact(smoke):
     for f in (paths.split, paths.random_vavae, paths.latents / "stats.safetensors", paths.run / "ema.safetensors",
               paths.generated / "manifest.json", paths.generated / "micro_doppler_grid.png"):
         assert f.is_file(), f
-    manifest = io.read_json(paths.generated / "manifest.json")
+    manifest = read_json(paths.generated / "manifest.json")
     assert len(manifest["images"]) == profile.sim_users * profile.num_samples_per_user
     assert manifest["split_hash"] == data.load_split(paths.split).hash
     assert first["train"]["step"] == profile.max_steps
@@ -54,6 +55,6 @@ def test_few_shot_regime_sees_only_its_subset(smoke):
     from mdgen_helpers import latents
 
     assert len(latents.load_latents(regime.latents, "train").labels) == len(sub.files("train"))
-    manifest = io.read_json(regime.generated / "manifest.json")
+    manifest = read_json(regime.generated / "manifest.json")
     assert manifest["split_hash"] == sub.hash  # what the evaluation's leakage guard checks
     assert not (base.root / "data").joinpath("split.json").exists()  # the data folder is never written to

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mdgen_helpers import data, tokenizers, vavae
+from mdgen_helpers import colormap, data, tokenizers, vavae
 from mdgen_helpers.errors import CheckpointError, DataError, MdgenError
 from mdgen_helpers.simulate import simulate_dataset
 from mdgen_helpers.tokenizers import (ColormapPCATokenizer, PatchPCATokenizer, VAVAETokenizer, fit_standin,
@@ -124,7 +124,7 @@ def test_save_load_and_dispatch(sim, tmp_path):
     # a stand-in whose tensors no longer match its recorded identity is refused
     from safetensors.torch import load_file
 
-    from mdgen_helpers.io import atomic_save_safetensors, load_safetensors_metadata
+    from mdgen_helpers.files import atomic_save_safetensors, load_safetensors_metadata
 
     t = load_file(str(path))
     t["patch_mean"] = t["patch_mean"] + 0.01
@@ -139,7 +139,7 @@ def test_load_tokenizer_refuses_unknown_files(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"this is not a checkpoint at all")
     with pytest.raises(CheckpointError, match="not a tokenizer file"):
         load_tokenizer(tmp_path / "junk.bin")
-    from mdgen_helpers.io import atomic_save_safetensors
+    from mdgen_helpers.files import atomic_save_safetensors
 
     atomic_save_safetensors({"latents": torch.zeros(2, 32, 16, 16)}, tmp_path / "other.safetensors", {"kind": "latents"})
     with pytest.raises(CheckpointError, match="neither a stand-in"):
@@ -243,19 +243,19 @@ def test_ensure_standin_kind_selects_the_stand_in_and_refits_on_change(sim, cm, 
 def test_colormap_index_inverts_the_simulator_lut_exactly():
     from mdgen_helpers.simulate import colormap_lut
 
-    lut = tokenizers.colormap_lut_tensor("jet")
+    lut = colormap.colormap_lut_tensor("jet")
     torch.testing.assert_close(lut, torch.from_numpy(colormap_lut("jet")).float() / 127.5 - 1)
     # every distinct LUT colour rendered into an image comes back as its own index, at distance 0
     order = torch.randperm(256, generator=torch.Generator().manual_seed(0))
     img = lut[order].T.reshape(3, 16, 16).unsqueeze(0)
-    idx, dist = tokenizers.colormap_index(img, lut)
+    idx, dist = colormap.colormap_index(img, lut)
     torch.testing.assert_close(lut[idx.reshape(-1)], lut[order])  # jet's LUT repeats a few colours: compare colours
     assert dist.max() < 1e-3
     # the scalar is arc length along the curve: 0 at the first entry, 1 at the last, non-decreasing
     s = tokenizers.arc_length_scalar(lut)
     assert s[0] == 0 and s[-1] == pytest.approx(1.0) and torch.all(s[1:] >= s[:-1])
     # an off-curve colour (grey) is mapped to the nearest colour and reports its distance
-    _, d = tokenizers.colormap_index(torch.zeros(1, 3, 2, 2), lut)
+    _, d = colormap.colormap_index(torch.zeros(1, 3, 2, 2), lut)
     assert torch.all(d > 0.2)
 
 
@@ -314,7 +314,7 @@ def test_colormap_standin_save_load_and_corruption(sim, cm, tmp_path):
     assert isinstance(load_tokenizer(rgb.save(tmp_path / "rgb.safetensors")), PatchPCATokenizer)
     from safetensors.torch import load_file
 
-    from mdgen_helpers.io import atomic_save_safetensors, load_safetensors_metadata
+    from mdgen_helpers.files import atomic_save_safetensors, load_safetensors_metadata
 
     t = load_file(str(path))
     t["decode_table"] = t["decode_table"] * 0.5

@@ -16,9 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mdgen_helpers import io, latents
+from mdgen_helpers import latents
+from mdgen_helpers.files import atomic_save_safetensors, load_safetensors_metadata, read_json, sha256_json
 from mdgen_helpers.errors import ArtifactMismatchError, DataError, MdgenError
-from mdgen_helpers.train import TrainConfig, latest_checkpoint, launch_training, list_checkpoints, train
+from mdgen_helpers.checkpoints import latest_checkpoint, list_checkpoints
+from mdgen_helpers.launch import launch_training
+from mdgen_helpers.train import TrainConfig, train
 from mdgen_helpers.users import UserMap
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2}
@@ -39,17 +42,16 @@ def write_latents(out: Path, n_train=8, n_val=4, users=2, tokenizer="standin-pca
         files = [f"ID_{int(lab) + 1}/{name}_{i:03d}.jpg" for i, lab in enumerate(labels)]
         meta = {"format": latents.FORMAT, "tokenizer": tokenizer, "split_hash": sh, "user_map": umap.to_json(),
                 "files": files, "part": name, "image_size": 256, "latent_shape": list(SHAPE)}
-        io.atomic_save_safetensors({"latents": z, "latents_std": 0.1 * torch.ones_like(z), "labels": labels},
+        atomic_save_safetensors({"latents": z, "latents_std": 0.1 * torch.ones_like(z), "labels": labels},
                                    out / f"{name}.safetensors", metadata=meta)
         return z, meta
 
     z, meta = part("train", n_train, split_hash)
     part("val", n_train if val_is_train else n_val, val_split_hash or split_hash, z if val_is_train else None)
     if stats:
-        mean, std = latents.latent_stats(z)
         smeta = {"format": latents.FORMAT, "tokenizer": tokenizer, "split_hash": split_hash,
-                 "user_map": umap.to_json(), "train_files_hash": io.sha256_json(meta["files"])}
-        io.atomic_save_safetensors({"mean": mean, "std": std}, out / "stats.safetensors", metadata=smeta)
+                 "user_map": umap.to_json(), "train_files_hash": sha256_json(meta["files"])}
+        latents.LatentStats.of(z).save(out / "stats.safetensors", smeta)
     return out
 
 
@@ -95,7 +97,7 @@ def test_tiny_model_overfits_a_handful_of_latents(overfit_run):
     assert last < first / 2.5, (first, last)  # ~2.0 -> ~0.7 measured
     assert result["val_loss_ema"] < first / 3, (first, result["val_loss_ema"])  # ~0.55 measured
     # The run directory has everything generation needs, in the documented layout.
-    meta = io.load_safetensors_metadata(out / "ema.safetensors")
+    meta = load_safetensors_metadata(out / "ema.safetensors")
     for key in ("model_config", "user_map", "tokenizer", "split_hash", "latent_mean", "latent_std", "step",
                 "train_config"):
         assert key in meta
@@ -206,7 +208,7 @@ def test_init_from_our_run_and_cli(ldir, overfit_run, tmp_path, capsys):
                "--model_overrides", json.dumps(TINY), "--batch_size", "4", "--max_steps", "2", "--lr", "1e-4",
                "--precision", "auto", "--init_from", str(run), "--val_every", "0", "--no_progress"])
     assert rc == 0
-    assert io.load_safetensors_metadata(out / "ema.safetensors")["step"] == 2
+    assert load_safetensors_metadata(out / "ema.safetensors")["step"] == 2
     assert main(["train", "--latent_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     if not torch.cuda.is_available():  # --devices 2 needs GPUs: a clear error, not a hanging launcher
@@ -271,7 +273,7 @@ def test_two_process_ddp_matches_one_process(ldir, tmp_path):
     one = train(cfg_for(ldir, tmp_path / "one", batch_size=8, val_every=6))
     cfg2 = cfg_for(ldir, tmp_path / "two", batch_size=4, val_every=6)
     _spawn_cpu_processes(_ddp_worker, (cfg2.to_json(),), num_processes=2, rdv_file=tmp_path / "rdv")
-    two = io.read_json(tmp_path / "two" / "result.json")
+    two = read_json(tmp_path / "two" / "result.json")
     assert two["num_processes"] == 2 and two["global_batch"] == 8 and two["step"] == 6
     wa, wb = model_weights(latest_checkpoint(tmp_path / "one")), model_weights(latest_checkpoint(tmp_path / "two"))
     for k in wa:
@@ -307,11 +309,11 @@ def test_init_from_official_lightningdit_weights(ldir, tmp_path):
     the architecture is read from the weights, the label table is re-initialised for our users."""
     ref = load_file(str(REFERENCE / "lightningdit_small_p2_plain_seed0.safetensors"))
     official = tmp_path / "official.safetensors"
-    io.atomic_save_safetensors({k[len("weights."):]: v for k, v in ref.items() if k.startswith("weights.")}, official)
+    atomic_save_safetensors({k[len("weights."):]: v for k, v in ref.items() if k.startswith("weights.")}, official)
     out = tmp_path / "ft"
     res = train(cfg_for(ldir, out, max_steps=2, init_from=str(official)))
     assert res["step"] == 2
-    mcfg = io.load_safetensors_metadata(out / "ema.safetensors")["model_config"]
+    mcfg = load_safetensors_metadata(out / "ema.safetensors")["model_config"]
     assert mcfg["num_classes"] == 2 and mcfg["hidden_size"] == 128 and mcfg["use_swiglu"] is False
     # The transformer blocks start from the official weights (not from a fresh init).
     ema = load_file(str(out / "ema.safetensors"))

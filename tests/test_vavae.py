@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from mdgen_helpers import cli
 from mdgen_helpers.errors import CheckpointError
-from mdgen_helpers.io import load_safetensors_metadata
+from mdgen_helpers.files import load_safetensors_metadata
 from mdgen_helpers.vavae import (
     AttnBlock,
     AutoencoderKL,

@@ -1,0 +1,211 @@
+"""The training run folder, in one place: what `train` writes and `generate` reads.
+
+    RUN/ema.safetensors                 EMA weights; metadata = everything sampling needs
+    RUN/config.json                     the same metadata, readable
+    RUN/checkpoints/step_0000100/       Accelerate `save_state` + complete.json (written last)
+    RUN/checkpoints/.tmp_step_0000100/  a save in progress (or killed): never read, removed later
+
+A checkpoint folder counts only with its `complete.json` marker, and the newest complete one is
+found by step number (never by size or mtime), so a session killed mid-save leaves the previous
+checkpoint usable. The EMA metadata (`ema_metadata`) is the train -> generate contract;
+`read_ema` is the one reader of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from mdgen_helpers.errors import CheckpointError
+from mdgen_helpers.files import atomic_save_safetensors, atomic_write_json, load_safetensors_metadata, read_json
+
+CKPT_DIR = "checkpoints"
+CKPT_RE = re.compile(r"^step_(\d{7,})$")
+COMPLETE = "complete.json"
+EMA_NAME = "ema.safetensors"
+CONFIG_NAME = "config.json"
+EMA_FORMAT = "mdgen-dit-ema-v1"
+REQUIRED_METADATA = ("model_config", "user_map", "tokenizer", "latent_mean", "latent_std")
+
+
+def ema_metadata(model_config: dict, identity: dict, step: int, train_config: dict, init: str) -> dict[str, Any]:
+    """What generation needs besides the weights, plus provenance. `identity` holds tokenizer,
+    split_hash, user_map and the latent statistics (`LatentStats.to_json`)."""
+    return {"model_config": model_config, **identity, "step": step, "train_config": train_config,
+            "init": init, "format": EMA_FORMAT}
+
+
+def write_config(run_dir, meta: dict) -> Path:
+    return atomic_write_json(Path(run_dir) / CONFIG_NAME, meta)
+
+
+def write_ema(run_dir, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
+    """The sampling export: RUN/ema.safetensors with `meta`, and RUN/config.json."""
+    path = atomic_save_safetensors(state_dict, Path(run_dir) / EMA_NAME, metadata=meta)
+    write_config(run_dir, meta)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Step folders (resume state)
+# --------------------------------------------------------------------------------------------
+
+
+def step_folder(run_dir, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step_{step:07d}"
+
+
+def temp_folder(run_dir, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f".tmp_step_{step:07d}"
+
+
+def is_complete(folder) -> bool:
+    return (Path(folder) / COMPLETE).is_file()
+
+
+def finish_step_folder(tmp: Path, final: Path, marker: dict) -> Path:
+    """Mark a fully written temp folder complete (marker last) and rename it into place."""
+    atomic_write_json(tmp / COMPLETE, marker)
+    if final.exists():  # an incomplete folder of the same step from a killed save
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def prune(run_dir, keep_last: int, keep: Path | None = None) -> None:
+    """Keep the newest `keep_last` complete checkpoints; remove the leftovers of killed saves."""
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = Path(run_dir) / CKPT_DIR
+    for p in root.iterdir() if root.is_dir() else []:
+        if p.name.startswith(".tmp_step_") and p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_marker(folder) -> dict[str, Any]:
+    return read_json(Path(folder) / COMPLETE)
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints (a `complete.json` inside) of a run, oldest first, by step number.
+
+    Temp folders (`.tmp_step_*`) and folders without the marker are what a killed save leaves;
+    they are ignored here and removed by the next save."""
+    root = Path(run_dir) / CKPT_DIR
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = CKPT_RE.match(p.name)
+            if m and p.is_dir() and is_complete(p):
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def resume_folder(run_dir, resume: bool | str) -> Path | None:
+    """The folder to resume from: `resume` True/"latest" -> the newest complete checkpoint (None
+    when there is none), a path -> that folder (it must be complete). With `resume` False a run
+    folder that already holds checkpoints is refused, so a run is never silently overwritten."""
+    if not resume:
+        if list_checkpoints(run_dir):
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints; pass --resume to continue that run, or choose a new --output_dir"
+            )
+        return None
+    if isinstance(resume, str) and resume.lower() not in ("true", "latest", "auto"):
+        p = Path(resume)
+        if not is_complete(p):
+            raise CheckpointError(f"--resume {p} is not a complete checkpoint folder (no {COMPLETE})")
+        return p
+    return latest_checkpoint(run_dir)
+
+
+def copy_run(src, dst) -> Path | None:
+    """Copy the newest complete checkpoint of run `src` (and its EMA export, config, metrics)
+    into run `dst`, e.g. from a read-only attached dataset. Returns the copied folder or None."""
+    src, dst = Path(src), Path(dst)
+    newest = latest_checkpoint(src)
+    if newest is None:
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (EMA_NAME, CONFIG_NAME, "metrics.jsonl"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    target = dst / newest.relative_to(src)
+    tmp = target.with_name(".tmp_copy_" + target.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(newest, tmp)
+    tmp.rename(target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the EMA export
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmaFile:
+    """The weights and metadata of RUN/ema.safetensors."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def resolve_ema(path) -> Path:
+    """A RUN directory or its ema.safetensors -> the ema.safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EMA_NAME
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path.parent} has no {EMA_NAME}; pass a finished training run directory "
+                f"(python -m mdgen_helpers train ...) or the path of its {EMA_NAME}."
+            )
+    elif not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a RUN directory or its {EMA_NAME}.")
+    return path
+
+
+def is_ema_file(path) -> Path | None:
+    """Our EMA file for a run folder or file, or None when `path` is not one of our runs."""
+    path = Path(path)
+    cand = path / EMA_NAME if path.is_dir() else path
+    if cand.suffix == ".safetensors" and cand.is_file():
+        try:
+            meta = load_safetensors_metadata(cand)
+        except Exception:  # noqa: BLE001 - unreadable: let the official loader report it
+            return None
+        if "model_config" in meta:
+            return cand
+    return None
+
+
+def read_ema(path) -> EmaFile:
+    """Weights and metadata of a run's EMA export, refusing files that lack the metadata."""
+    path = resolve_ema(path)
+    try:
+        meta = load_safetensors_metadata(path)
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); pass RUN/{EMA_NAME}.") from None
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks the metadata {missing} that train.py writes into {EMA_NAME}; it is not an "
+            f"mdgen EMA checkpoint (official LightningDiT weights need conversion through train.py)."
+        )
+    return EmaFile(path, state, meta)
