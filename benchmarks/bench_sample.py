@@ -23,6 +23,7 @@ import torch
 from mdgen_helpers.dit import build_model, model_config
 from mdgen_helpers.generate import Generator, decode_to_uint8, image_seed, load_generator, sample_latents
 from mdgen_helpers.latents import LatentStats
+from mdgen_helpers.settings import SamplingSettings
 from mdgen_helpers.users import UserMap
 
 
@@ -80,7 +81,7 @@ def main() -> None:
         tok = standin_tokenizer().to(args.device)
     users = [gen.user_map.user_ids[i % gen.num_users] for i in range(args.images)]
     seeds = [image_seed(0, u, i + 1) for i, u in enumerate(users)]
-    sample_latents(gen, users[:1], seeds[:1], args.guidance_scale, 2, "euler")  # warm-up
+    sample_latents(gen, users[:1], seeds[:1], SamplingSettings(args.guidance_scale, 2, "euler"))  # warm-up
 
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, {args.images} images, "
           f"batch {args.batch_size}, guidance {args.guidance_scale:g}, "
@@ -91,8 +92,8 @@ def main() -> None:
             best_sample = best_decode = float("inf")
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                latents, nfes = sample_latents(gen, users, seeds, args.guidance_scale, steps, solver,
-                                               batch_size=args.batch_size, return_nfe=True)
+                settings = SamplingSettings(args.guidance_scale, steps, solver, batch_size=args.batch_size)
+                latents, nfes = sample_latents(gen, users, seeds, settings, return_nfe=True)
                 t1 = time.perf_counter()
                 decode_to_uint8(tok, latents.to(args.device), batch_size=args.batch_size)
                 t2 = time.perf_counter()

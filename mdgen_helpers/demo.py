@@ -6,7 +6,7 @@
 The notebooks are the product, so the demo runs *them* (with nbclient, in a fresh kernel each,
 in order), not a parallel script that could drift from them. Parameters reach the notebooks
 through environment variables (`MDGEN_PROFILE`, `MDGEN_WORK_DIR`, `MDGEN_DATA_DIR`,
-`MDGEN_VAVAE_PATH`, and `MDGEN_<FIELD>` overrides, see `profiles.get_profile`).
+`MDGEN_VAVAE_PATH`, and `MDGEN_<FIELD>` / `MDGEN_<SECTION>__<FIELD>` overrides, see `profiles.get_profile`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mdgen_helpers.errors import MdgenError
+from mdgen_helpers.settings import ENV_PREFIX, ENV_SEP
 from mdgen_helpers.files import atomic_write_text, read_json
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -32,7 +33,7 @@ def notebook_env(profile: str, work_dir: str | Path, data_dir: str | None = None
     if vavae_path:
         env["MDGEN_VAVAE_PATH"] = str(Path(vavae_path).resolve())
     for key, value in (overrides or {}).items():
-        env[f"MDGEN_{key.upper()}"] = str(value)
+        env[ENV_PREFIX + key.upper().replace(".", ENV_SEP)] = str(value)
     return env
 
 
@@ -129,7 +130,7 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--data_dir", help="your ID_1..ID_N folders (default: simulate users)")
     parser.add_argument("--vavae_path", help="VA-VAE checkpoint (default: the profile's tokenizer)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="profile overrides, e.g. --set max_steps=200 sim_users=6")
+                        help="profile overrides, e.g. --set train.max_steps=200 sim_users=6")
     parser.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
 
 

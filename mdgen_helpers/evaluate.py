@@ -34,8 +34,8 @@ and 128 px on a GPU; physics and Inception metrics always read the full 256 px f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -53,6 +53,7 @@ from mdgen_helpers.generate import decode_to_uint8, image_seed, sample_latents
 from mdgen_helpers.metrics import (confidence_filter, inception_metrics, mean_pairwise_distance, memorisation,
                                    physics_check, pixel_vectors, realism_diversity, recognisability)
 from mdgen_helpers.report import format_table, headline_table, write_figures
+from mdgen_helpers.settings import EvalConfig, SamplingSettings, add_arguments, apply, given
 
 METRICS_NAME = "metrics.json"
 
@@ -64,39 +65,6 @@ class LeakageError(MdgenError):
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class EvalConfig:
-    """Settings of one evaluation; defaults are the recommended ones (None = chosen per device)."""
-
-    data_dir: str
-    split: str
-    output_dir: str
-    generated_dir: str | None = None
-    classifier: str | None = None  # reuse this saved classifier; trained and saved there if missing
-    pretrained: str | None = None  # local torchvision ResNet-18 ImageNet weights (never downloaded)
-    epochs: int | None = None  # None: 15 on CPU, 30 on GPU
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_steps: int = 200  # tiny few-shot sets still get this many optimiser steps
-    seeds: tuple[int, ...] = (0, 1, 2)
-    synthetic_per_user: tuple[int, ...] = (0, 25, 50)
-    few_shot: tuple[int, ...] = ()
-    few_shot_generated: dict[int, str] = field(default_factory=dict)  # k -> generated dir of that regime
-    few_shot_seed: int = 0  # the subset the few-shot generators were trained on
-    inception_weights: str | None = None
-    filter_confidence: float | None = None
-    device: str = "auto"
-    image_size: int | None = None  # None: 64 on CPU, 128 on GPU
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    pr_k: int = 3
-    dc_k: int = 5
-    memorisation_percentile: float = 1.0
-    pixel_size: int = 32  # pixel-space memorisation distances at this resolution
-    physics_per_user: int = 20  # images per user read off in the physics check (it is slow on CPU)
-    figures: bool = True
-    progress: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,11 +197,6 @@ def augmentation_gain(data_dir, split, train: ImageSet, val: ImageSet, test: Ima
 # The whole evaluation
 # --------------------------------------------------------------------------------------------
 
-def _json_settings(cfg: EvalConfig) -> dict[str, Any]:
-    s = asdict(cfg)
-    s["few_shot_generated"] = {str(k): v for k, v in cfg.few_shot_generated.items()}
-    return s
-
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every part that its inputs allow; write OUT/metrics.json (rewritten after each part,
@@ -261,7 +224,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             raise ArtifactMismatchError(f"classifier {clf_path} takes {clf.image_size} px input, not --image_size "
                                         f"{cfg.image_size}; drop --image_size to use the classifier's")
     image_size = clf.image_size if clf else (cfg.image_size or default_image_size(device))
-    m: dict[str, Any] = {"complete": False, "settings": {**_json_settings(cfg), "device": str(device),
+    m: dict[str, Any] = {"complete": False, "settings": {**cfg.to_json(), "device": str(device),
                                                          "image_size": image_size, "epochs": epochs},
                          "split_hash": split.hash, "user_map": um.to_json(), "skipped": {}, "figures": []}
 
@@ -379,19 +342,20 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def guidance_tradeoff(gen, tokenizer, classifier: UserClassifier, scales: Sequence[float],
-                      user_ids: Sequence[int] | None = None, per_user: int = 8, seed: int = 0, num_steps: int = 25,
-                      solver: str = "euler", batch_size: int = 16) -> list[dict[str, Any]]:
+                      sampling: SamplingSettings | None = None, user_ids: Sequence[int] | None = None,
+                      per_user: int = 8) -> list[dict[str, Any]]:
     """Recognisability and diversity (mean pairwise feature distance within each user, averaged)
-    per guidance scale: higher guidance usually buys recognisability with diversity."""
+    per guidance scale, every other setting from `sampling`: higher guidance usually buys
+    recognisability with diversity."""
+    sampling = sampling or SamplingSettings()
     user_ids = list(user_ids) if user_ids is not None else list(gen.user_map.user_ids)
     uids = [u for u in user_ids for _ in range(per_user)]
-    seeds = [image_seed(seed, u, k) for u in user_ids for k in range(1, per_user + 1)]
+    seeds = [image_seed(sampling.seed, u, k) for u in user_ids for k in range(1, per_user + 1)]
     labels = torch.tensor([classifier.user_map.label_of_user(u) for u in uids])
     rows = []
     for scale in scales:
-        latents = sample_latents(gen, uids, seeds, guidance_scale=float(scale), num_steps=num_steps,
-                                          solver=solver, batch_size=batch_size)
-        images = decode_to_uint8(tokenizer, latents, batch_size=batch_size)
+        latents = sample_latents(gen, uids, seeds, dataclasses.replace(sampling, guidance_scale=float(scale)))
+        images = decode_to_uint8(tokenizer, latents, batch_size=sampling.batch_size)
         if images.shape[-1] != classifier.image_size:
             images = F.interpolate(images.float(), size=(classifier.image_size,) * 2, mode="bilinear",
                                    antialias=True).round().clamp(0, 255).to(torch.uint8)
@@ -415,41 +379,15 @@ def _regime_dir(text: str) -> tuple[int, str]:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    d = EvalConfig
-    parser.add_argument("--data_dir", required=True, help="real (or simulated) data folder ID_k/*.jpg")
-    parser.add_argument("--split", required=True, help="split.json written by `split`")
-    parser.add_argument("--generated_dir", default=None, help="generate output folder (manifest.json + PNGs) or its dataset/ export")
-    parser.add_argument("--output_dir", required=True, help="where metrics.json, headline.md, figures and classifier go")
-    parser.add_argument("--classifier", default=None, help="saved classifier .safetensors to reuse (trained and saved there if missing)")
-    parser.add_argument("--pretrained", default=None, help="local torchvision ResNet-18 ImageNet weights (default: from scratch)")
-    parser.add_argument("--epochs", type=int, default=None, help="classifier epochs (default 15 on CPU, 30 on GPU)")
-    parser.add_argument("--batch_size", type=int, default=d.batch_size)
-    parser.add_argument("--min_steps", type=int, default=d.min_steps, help="at least this many steps per training (few-shot)")
-    parser.add_argument("--seeds", type=int, nargs="*", default=list(d.seeds), help="training seeds for the augmentation runs")
-    parser.add_argument("--synthetic_per_user", type=int, nargs="*", default=list(d.synthetic_per_user),
-                        help="synthetic images per user added to real-train (0 = real only)")
-    parser.add_argument("--few_shot", type=int, nargs="*", default=[], help="few-shot regimes: real train images per user")
-    parser.add_argument("--few_shot_generated", type=_regime_dir, nargs="*", default=[], metavar="K=DIR",
-                        help="generated set of each few-shot regime (its generator trained on that subset only)")
-    parser.add_argument("--few_shot_seed", type=int, default=d.few_shot_seed)
-    parser.add_argument("--inception_weights", default=None, help="local Inception weights for FID/KID (skipped without)")
-    parser.add_argument("--filter_confidence", type=float, default=None,
-                        help="also report augmentation with generated images kept only above this classifier confidence")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--image_size", type=int, default=None,
-                        help="classifier input size (default 64 on CPU for speed, 128 on GPU)")
-    parser.add_argument("--no_figures", action="store_true")
+    add_arguments(parser, EvalConfig, required=("data_dir", "split", "output_dir"),
+                  types_={"few_shot_generated": {"type": _regime_dir, "nargs": "*", "metavar": "K=DIR"}})
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    cfg = EvalConfig(
-        data_dir=args.data_dir, split=args.split, output_dir=args.output_dir, generated_dir=args.generated_dir,
-        classifier=args.classifier, pretrained=args.pretrained, epochs=args.epochs, batch_size=args.batch_size,
-        min_steps=args.min_steps, seeds=tuple(args.seeds), synthetic_per_user=tuple(args.synthetic_per_user),
-        few_shot=tuple(args.few_shot), few_shot_generated=dict(args.few_shot_generated),
-        few_shot_seed=args.few_shot_seed, inception_weights=args.inception_weights,
-        filter_confidence=args.filter_confidence, device=args.device, image_size=args.image_size,
-        figures=not args.no_figures)
+    values = given(args, EvalConfig)
+    if "few_shot_generated" in values:
+        values["few_shot_generated"] = dict(values["few_shot_generated"])
+    cfg = apply(EvalConfig(), values)
     m = evaluate(cfg)
     print(format_table(headline_table(m)))
     print(f"wrote {Path(cfg.output_dir) / METRICS_NAME}")

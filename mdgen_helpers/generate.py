@@ -1,7 +1,7 @@
 """Generate spectrograms of chosen users: ODE sampling with classifier-free guidance, decoding, files.
 
     python -m mdgen_helpers generate --dit_checkpoint RUN --vavae_path TOK --output_dir GEN \
-        --user_ids 1 2 3 --num_samples_per_user 4 --guidance_scale 4.0 --num_steps 250
+        --user_ids 1 2 3 --num_samples_per_user 4 --guidance_scale 4.0 --num_steps 25
 
 Everything the sampler needs (EMA weights, model config, user map, latent statistics, tokenizer
 identity) comes from the checkpoint (`checkpoints.read_ema`), so nothing is guessed. Output, in GEN/:
@@ -18,6 +18,7 @@ image can be regenerated alone from the manifest (`regenerate_image`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import time
@@ -39,13 +40,13 @@ from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, MdgenEr
 from mdgen_helpers.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from mdgen_helpers.flow import guided_velocity, sample_ode
 from mdgen_helpers.latents import LatentStats
+from mdgen_helpers.settings import SOLVERS, SamplingSettings, add_arguments, apply, given, normalize_solver
 from mdgen_helpers.tokenizers import load_tokenizer
 from mdgen_helpers.users import UserMap, image_name
 from mdgen_helpers.viz import save_figure, user_grid
 
 MANIFEST_NAME = "manifest.json"
 GRID_NAME = "micro_doppler_grid.png"
-SOLVERS = {"euler": "euler", "heun": "heun", "dopri5": "dopri5", "adaptive": "dopri5"}
 GRID_MAX_COLUMNS = 8
 
 
@@ -169,28 +170,17 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device: str | to
     return torch.stack(noise).to(device)
 
 
-def normalize_solver(solver: str) -> str:
-    try:
-        return SOLVERS[solver]
-    except KeyError:
-        raise MdgenError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}") from None
-
-
 @torch.no_grad()
 def sample_latents(
     gen: Generator,
     user_ids: Sequence[int],
     seeds: Sequence[int],
-    guidance_scale: float = 4.0,
-    num_steps: int = 250,
-    solver: str = "euler",
-    timestep_shift: float = 0.0,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
-    batch_size: int = 16,
+    settings: SamplingSettings,
     progress: bool = False,
     return_nfe: bool = False,
 ):
-    """Denormalised latents (z * std + mean), shape (N, C, H, W) on the CPU, one per (user, seed).
+    """Denormalised latents (`LatentStats.denormalize`), shape (N, C, H, W) on the CPU, one per
+    (user, seed), sampled with `settings` (its `seed` is not used: the seeds are given).
 
     Batches only group work: every image has its own noise and guidance is per sample, so the
     result equals sampling each image alone (up to float round-off of batched kernels). The
@@ -200,6 +190,7 @@ def sample_latents(
     """
     if len(user_ids) != len(seeds):
         raise MdgenError(f"sample_latents: {len(user_ids)} user ids but {len(seeds)} seeds")
+    num_steps, batch_size, guidance_interval = settings.num_steps, settings.batch_size, settings.guidance_interval
     if num_steps < 1:
         raise MdgenError(f"num_steps must be >= 1, got {num_steps}")
     if batch_size < 1:
@@ -207,7 +198,7 @@ def sample_latents(
     start_t, end_t = (float(v) for v in guidance_interval)
     if not 0.0 <= start_t <= end_t <= 1.0:
         raise MdgenError(f"guidance_interval must satisfy 0 <= START <= END <= 1 (t=0 noise, t=1 data), got {guidance_interval}")
-    method = normalize_solver(solver)
+    method = normalize_solver(settings.solver)
     labels = gen.labels_of_users(user_ids)
     null = null_label(gen.num_users)
     device = gen.device
@@ -217,8 +208,8 @@ def sample_latents(
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress or len(starts) < 2):
         x0 = initial_noise(seeds[start : start + ode_batch], gen.latent_shape, device)
         y = torch.tensor(labels[start : start + ode_batch], dtype=torch.long, device=device)
-        velocity = guided_velocity(gen.model, y, float(guidance_scale), null, interval=tuple(guidance_interval))
-        x1, nfe = sample_ode(velocity, x0, int(num_steps), method=method, timestep_shift=float(timestep_shift))
+        velocity = guided_velocity(gen.model, y, float(settings.guidance_scale), null, interval=(start_t, end_t))
+        x1, nfe = sample_ode(velocity, x0, int(num_steps), method=method, timestep_shift=float(settings.timestep_shift))
         out.append(gen.stats.denormalize(x1.float().cpu()))
         nfes.extend([int(nfe)] * len(y))
     latents = torch.cat(out) if out else torch.empty((0, *gen.latent_shape))
@@ -278,33 +269,6 @@ def read_png(path: str | Path) -> torch.Tensor:
     """uint8 (3, H, W) of a written image."""
     with Image.open(path) as im:
         return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-
-
-@dataclass
-class SamplingSettings:
-    """Every setting that changes the pixels (batch_size is recorded but does not)."""
-
-    guidance_scale: float = 4.0
-    num_steps: int = 250
-    solver: str = "euler"
-    timestep_shift: float = 0.0
-    guidance_interval: tuple[float, float] = (0.0, 1.0)
-    seed: int = 0
-    batch_size: int = 16
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "guidance_scale": float(self.guidance_scale),
-            "num_steps": int(self.num_steps),
-            "solver": normalize_solver(self.solver),
-            "timestep_shift": float(self.timestep_shift),
-            "guidance_interval": [float(v) for v in self.guidance_interval],
-            "seed": int(self.seed),
-            "batch_size": int(self.batch_size),
-            "guidance_channels": "all",
-            "seed_rule": "image_seed = int.from_bytes(sha256(f'mdgen-image:{seed}:{user_id}:{k}')[:8], 'little') >> 1",
-            "noise": "torch.randn(latent_shape, generator=torch.Generator('cpu').manual_seed(image_seed))",
-        }
 
 
 def generate_images(
@@ -387,18 +351,7 @@ def _generate_shard(gen, tokenizer, out: Path, jobs, settings: SamplingSettings,
     bs = settings.batch_size
     for b, start in enumerate(tqdm(range(0, len(jobs), bs), desc="generating", unit="batch", disable=not progress)):
         batch = jobs[start : start + bs]
-        latents, nfes = sample_latents(
-            gen,
-            [j[0] for j in batch],
-            [j[2] for j in batch],
-            guidance_scale=settings.guidance_scale,
-            num_steps=settings.num_steps,
-            solver=settings.solver,
-            timestep_shift=settings.timestep_shift,
-            guidance_interval=settings.guidance_interval,
-            batch_size=bs,
-            return_nfe=True,
-        )
+        latents, nfes = sample_latents(gen, [j[0] for j in batch], [j[2] for j in batch], settings, return_nfe=True)
         images = decode_to_uint8(tokenizer, latents, batch_size=bs)
         for (uid, k, seed), image, nfe in zip(batch, images, nfes):
             name = image_name(uid, k)
@@ -451,18 +404,8 @@ def regenerate_image(gen: Generator, tokenizer, manifest: dict[str, Any] | str |
         raise MdgenError(f"{file_name} is not listed in the manifest")
     files = manifest["batches"][by_file[file_name]["batch"]] if exact else [file_name]
     records = [by_file[f] for f in files]
-    s = manifest["settings"]
-    latents = sample_latents(
-        gen,
-        [r["user_id"] for r in records],
-        [r["seed"] for r in records],
-        guidance_scale=s["guidance_scale"],
-        num_steps=s["num_steps"],
-        solver=s["solver"],
-        timestep_shift=s["timestep_shift"],
-        guidance_interval=tuple(s["guidance_interval"]),
-        batch_size=len(records),
-    )
+    settings = dataclasses.replace(SamplingSettings.from_json(manifest["settings"]), batch_size=len(records))
+    latents = sample_latents(gen, [r["user_id"] for r in records], [r["seed"] for r in records], settings)
     return decode_to_uint8(tokenizer, latents, batch_size=len(records))[files.index(file_name)]
 
 
@@ -479,17 +422,9 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--output_dir", required=True, help="folder for the PNGs, grid and manifest.json")
     parser.add_argument("--user_ids", type=int, nargs="+", default=None, help="1-based user ids (default: all)")
     parser.add_argument("--num_samples_per_user", type=int, default=4)
-    parser.add_argument("--guidance_scale", type=float, default=4.0, help="1 = no guidance (conditional model)")
-    parser.add_argument("--num_steps", type=int, default=250, help="ODE steps: euler does this many model calls, heun twice as many, dopri5 starts "
-        "with step 1/num_steps and adapts (the official sampler's N grid points are N-1 steps)")
-    parser.add_argument("--solver", choices=sorted(SOLVERS), default="euler", help="adaptive = dopri5")
-    parser.add_argument("--timestep_shift", type=float, default=0.0)
-    parser.add_argument(
-        "--guidance_interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
-        help="apply guidance only for t in [START, END] (t=0 noise, t=1 data)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=16)
+    add_arguments(parser, SamplingSettings, types_={
+        "solver": {"choices": sorted(SOLVERS)},
+        "guidance_interval": {"type": float, "nargs": 2, "metavar": ("START", "END")}})
     parser.add_argument("--export_dataset", action="store_true", help="also write dataset/ID_k/gen_NNNN.jpg")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... for one process (default: Accelerate's device for each process)")
     parser.add_argument("--no_progress", action="store_true")
@@ -502,17 +437,9 @@ def cli_main(args) -> int:
     if not Path(args.tokenizer).exists():
         raise MdgenError(f"tokenizer file {args.tokenizer} does not exist")
     tokenizer = load_tokenizer(args.tokenizer, device)
-    settings = SamplingSettings(
-        guidance_scale=args.guidance_scale,
-        num_steps=args.num_steps,
-        solver=args.solver,
-        timestep_shift=args.timestep_shift,
-        guidance_interval=tuple(args.guidance_interval),
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+    sampling = apply(SamplingSettings(), given(args, SamplingSettings))
     manifest = generate_images(
-        gen, tokenizer, args.output_dir, args.user_ids, args.num_samples_per_user, settings,
+        gen, tokenizer, args.output_dir, args.user_ids, args.num_samples_per_user, sampling,
         export_dataset=args.export_dataset, tokenizer_path=str(args.tokenizer), progress=not args.no_progress,
     )
     if manifest:

@@ -26,7 +26,8 @@ from accelerate.state import AcceleratorState
 from mdgen_helpers.env import notebook_launcher_status
 from mdgen_helpers.errors import MdgenError
 from mdgen_helpers.files import atomic_write_json, read_json
-from mdgen_helpers.train import TrainConfig, TrainConfigError, train
+from mdgen_helpers.settings import TrainConfig, TrainConfigError, add_arguments, apply, given
+from mdgen_helpers.train import train
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,59 +115,14 @@ def _under_launcher() -> bool:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    a = parser.add_argument
-    a("--config", default=None, help="JSON file of TrainConfig fields (flags given on the command line override it)")
-    a("--latent_dir", default=None, help="extraction output (train/val .safetensors + stats.safetensors)")
-    a("--output_dir", default=None, help="run directory (checkpoints, ema.safetensors, metrics.jsonl)")
-    a("--preset", default=None, help=f"model size (dit.PRESETS, e.g. tiny, S/2, B/2, XL/1; default {d.preset})")
-    a("--model_overrides", default=None, help='JSON dict of LightningDiT arguments, e.g. \'{"depth": 2}\'')
-    a("--batch_size", type=int, default=None, help=f"per process (default {d.batch_size})")
-    a("--max_epochs", type=int, default=None, help=f"default {d.max_epochs}")
-    a("--max_steps", type=int, default=None, help="optimizer steps (the smaller limit wins)")
-    a("--lr", type=float, default=None, help=f"default {d.lr}")
-    a("--warmup_steps", type=int, default=None, help=f"linear LR warm-up (default {d.warmup_steps})")
-    a("--weight_decay", type=float, default=None, help=f"AdamW (default {d.weight_decay})")
-    a("--betas", type=float, nargs=2, default=None, help=f"AdamW betas (default {d.betas[0]} {d.betas[1]})")
-    a("--grad_accum", type=int, default=None, help="gradient accumulation micro-steps (default 1)")
-    a("--clip_norm", type=float, default=None, help=f"gradient clipping, 0 = off (default {d.clip_norm})")
-    a("--ema_decay", type=float, default=None, help=f"default {d.ema_decay} (0.9999 for ImageNet-size data)")
-    a("--no_ema_warmup", dest="ema_warmup", action="store_false", default=None,
-      help="use the full EMA decay from the first step (default: warm-up, see train.ema_decay_at)")
-    a("--label_dropout", type=float, default=None, help=f"label dropout for guidance (default {d.label_dropout})")
-    a("--time_dist", choices=["uniform", "logit_normal"], default=None, help="training t distribution")
-    a("--cosine_weight", type=float, default=None, help="weight of the velocity-direction loss (LightningDiT: 1.0)")
-    a("--resample_latents", action="store_true", default=None, help="z = mean + std * eps from the stored posterior")
-    a("--precision", default=None, help="auto|no|32|fp16|16-mixed|bf16|bf16-mixed (auto: bf16 on cc>=8.0, fp16 on T4, fp32 on CPU)")
-    a("--devices", type=int, default=None, help="processes/GPUs; > 1 re-launches through `accelerate launch`")
-    a("--cpu", action="store_true", default=None, help="train on the CPU even when a GPU is present")
-    a("--seed", type=int, default=None)
-    a("--log_every", type=int, default=None)
-    a("--val_every", type=int, default=None, help="validation loss every N steps (0 = off)")
-    a("--ckpt_every", type=int, default=None, help="checkpoint every N steps (0 = only at the end)")
-    a("--preview_every", type=int, default=None, help="preview grid every N steps (needs --tokenizer)")
-    a("--keep_last", type=int, default=None, help=f"checkpoints kept (default {d.keep_last})")
-    a("--early_stop_patience", type=int, default=None, help="stop after N validations without improvement (0 = off)")
-    a("--resume", nargs="?", const=True, default=None,
-      help="continue from the newest complete checkpoint in --output_dir (or from the given folder)")
-    a("--init_from", default=None, help="official LightningDiT checkpoint or one of our runs to start from")
-    a("--time_budget", type=float, default=None, help="hours this session may run (e.g. 11.5 on Kaggle)")
-    a("--tokenizer", default=None, help="tokenizer file (for decoding previews)")
-    a("--tensorboard", action="store_true", default=None, help="log to RUN/tensorboard")
-    a("--no_progress", action="store_true", default=None, help="no tqdm bar")
+    parser.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags given on the command line override it)")
+    add_arguments(parser, TrainConfig, types_={"time_dist": {"choices": ["uniform", "logit_normal"]}})
 
 
 def config_from_args(args) -> TrainConfig:
-    base = TrainConfig.from_json(read_json(args.config)).to_json() if args.config else TrainConfig().to_json()
-    for name in base:
-        v = getattr(args, name, None)
-        if v is not None:
-            base[name] = v
-    if isinstance(base.get("model_overrides"), str):
-        base["model_overrides"] = json.loads(base["model_overrides"])
-    if args.no_progress:
-        base["progress"] = False
-    return TrainConfig.from_json(base)
+    """--config (or the defaults) with the flags given on the command line applied."""
+    base = TrainConfig.from_json(read_json(args.config)) if args.config else TrainConfig()
+    return apply(base, given(args, TrainConfig))
 
 
 def cli_main(args) -> int:

@@ -21,6 +21,7 @@ those K images, so its augmentation gain is honest.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,11 @@ from mdgen_helpers import data, env, latents, simulate, tokenizers, vavae
 from mdgen_helpers import evaluate as evaluation
 from mdgen_helpers import generate as gen_mod
 from mdgen_helpers.errors import MdgenError
-from mdgen_helpers.evaluate import EvalConfig
 from mdgen_helpers.files import read_json
-from mdgen_helpers.generate import SamplingSettings
 from mdgen_helpers.launch import launch_training
 from mdgen_helpers.profiles import Profile, get_profile
 from mdgen_helpers.report import format_table, headline_table
-from mdgen_helpers.train import TrainConfig
+from mdgen_helpers.settings import EvalConfig, SamplingSettings, TrainConfig, add_arguments, apply, given
 
 
 @dataclass(frozen=True)
@@ -154,40 +153,21 @@ def extract(paths: RunPaths, profile: Profile, data_dir, split, tokenizer, progr
 # Training, generation, evaluation
 # --------------------------------------------------------------------------------------------
 
-def train_config(paths: RunPaths, profile: Profile, tokenizer_file: str | Path | None = None, **overrides):
-    """The TrainConfig a profile implies (overrides win)."""
-    cfg = TrainConfig(
-        latent_dir=str(paths.latents), output_dir=str(paths.run), preset=profile.preset,
-        model_overrides=dict(profile.model_overrides),
-        batch_size=profile.batch_size, max_steps=profile.max_steps, max_epochs=profile.max_epochs, lr=profile.lr,
-        warmup_steps=profile.warmup_steps, ema_decay=profile.ema_decay, label_dropout=profile.label_dropout,
-        precision=profile.precision, devices=profile.devices, log_every=profile.log_every, val_every=profile.val_every,
-        ckpt_every=profile.ckpt_every, preview_every=profile.preview_every, time_budget=profile.time_budget_h,
-        tokenizer=str(tokenizer_file) if tokenizer_file else None, resume=True,
-    )
-    for key, value in overrides.items():
-        if not hasattr(cfg, key):
-            raise MdgenError(f"unknown training setting {key!r}")
-        setattr(cfg, key, value)
-    return cfg
-
-
-def generation_settings(profile: Profile, **overrides):
-    settings = SamplingSettings(guidance_scale=profile.guidance_scale, num_steps=profile.num_steps,
-                                solver=profile.solver, timestep_shift=profile.timestep_shift,
-                                seed=0, batch_size=profile.gen_batch_size)
-    for key, value in overrides.items():
-        setattr(settings, key, value)
-    return settings
+def train_config(paths: RunPaths, profile: Profile, tokenizer_file: str | Path | None = None, **overrides) -> TrainConfig:
+    """The profile's TrainConfig with this run's folders filled in (overrides, by field name, win)."""
+    run = dataclasses.replace(profile.train, latent_dir=str(paths.latents), output_dir=str(paths.run),
+                              tokenizer=str(tokenizer_file) if tokenizer_file else None, resume=True)
+    return apply(run, overrides)
 
 
 def generate(paths: RunPaths, profile: Profile, tokenizer_file, user_ids=None, num_samples_per_user=None,
-             export_dataset: bool = True, device: str | None = None, progress: bool = True, **settings_overrides) -> dict:
-    """Generate per-user images into WORK/generated; skipped when its manifest already records
-    the same checkpoint, tokenizer and settings."""
+             export_dataset: bool = True, device: str | None = None, progress: bool = True,
+             sampling: SamplingSettings | None = None) -> dict:
+    """Generate per-user images into WORK/generated with `sampling` (default: the profile's);
+    skipped when its manifest already records the same checkpoint, tokenizer and settings."""
     device = device or ("cuda" if _cuda() else "cpu")
     gen = gen_mod.load_generator(paths.run, device=device)
-    settings = generation_settings(profile, **settings_overrides)
+    settings = sampling or profile.sampling
     n = int(num_samples_per_user or profile.num_samples_per_user)
     users = list(user_ids) if user_ids else list(gen.user_map.user_ids)
     manifest_path = paths.generated / "manifest.json"
@@ -229,10 +209,11 @@ def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None 
     tok_file = tokenizer_path(paths, profile, vavae_path)
     train_overrides = dict(train_overrides or {})
     n_train = len(split.files("train"))
-    if "batch_size" not in train_overrides and profile.batch_size * profile.devices > n_train:
+    batch, devices = profile.train.batch_size, profile.train.devices
+    if "batch_size" not in train_overrides and batch * devices > n_train:
         # a few-shot regime can hold fewer latents than one batch: use them all in every step
-        train_overrides["batch_size"] = max(1, n_train // max(1, profile.devices))
-        print(f"[pipeline] batch size {profile.batch_size} > {n_train} train latents: using {train_overrides['batch_size']}")
+        train_overrides["batch_size"] = max(1, n_train // max(1, devices))
+        print(f"[pipeline] batch size {batch} > {n_train} train latents: using {train_overrides['batch_size']}")
     cfg = train_config(paths, profile, tok_file, **train_overrides)
     result = launch_training(cfg, num_processes=cfg.devices)
     print(f"[pipeline] training: step {result.get('step')}, stopped by {result.get('stopped')}, "
@@ -248,53 +229,49 @@ def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None 
     return out
 
 
+# Profile fields the pipeline fills in itself (paths, and the few-shot seed, which is the split seed).
+_PIPELINE_SET = ("name", "extra", "train.latent_dir", "train.output_dir", "train.tokenizer", "train.resume",
+                 "eval.data_dir", "eval.split", "eval.output_dir", "eval.generated_dir", "eval.classifier",
+                 "eval.few_shot_generated", "eval.few_shot_seed")
+# The short flags of earlier versions (README commands), kept as aliases of the nested fields.
+_ALIASES = {"train.batch_size": ["--batch_size"], "train.max_epochs": ["--max_epochs"], "train.max_steps": ["--max_steps"],
+            "train.lr": ["--lr"], "train.preset": ["--preset"], "train.devices": ["--devices"],
+            "train.precision": ["--precision"], "sampling.guidance_scale": ["--guidance_scale"],
+            "sampling.num_steps": ["--num_steps"]}
+
+
 def add_cli_arguments(parser) -> None:
     parser.add_argument("--profile", default=os.environ.get("MDGEN_PROFILE", "cpu-demo"),
                         help="cpu-smoke, cpu-demo (default) or kaggle-t4x2: every default below comes from it")
     parser.add_argument("--data_dir", help="ID_1..ID_N folders (default: simulate the profile's users)")
     parser.add_argument("--vavae_path", help="VA-VAE checkpoint (default: the profile's tokenizer)")
     parser.add_argument("--output_dir", required=True, help="work folder for every artifact of the run")
-    parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--max_epochs", type=int)
-    parser.add_argument("--max_steps", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--preset", help="LightningDiT preset, e.g. tiny, S/2, B/1")
-    parser.add_argument("--devices", type=int, help="GPUs for training (Accelerate)")
-    parser.add_argument("--precision", help="auto, no, fp16, bf16")
     parser.add_argument("--generate_user_ids", type=int, nargs="*", help="1-based user ids (default: all)")
-    parser.add_argument("--num_samples_per_user", type=int)
-    parser.add_argument("--guidance_scale", type=float)
-    parser.add_argument("--num_steps", type=int)
     parser.add_argument("--few_shot", type=int, help="train the generator on only K real images per user")
     parser.add_argument("--evaluate", action="store_true",
                         help="also run the evaluation suite on the full run (and any few-shot regimes already generated)")
+    group = parser.add_argument_group("profile fields (override the profile's value; nested: --train.lr, --sampling.num_steps, --eval.epochs)")
+    add_arguments(group, Profile, nested=True, skip=_PIPELINE_SET, aliases=_ALIASES)
 
 
 def cli_main(args) -> int:
-    fields = ("batch_size", "max_epochs", "max_steps", "lr", "preset", "devices", "precision",
-              "num_samples_per_user", "guidance_scale", "num_steps")
-    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    profile = get_profile(args.profile, **overrides)
+    profile = get_profile(args.profile, **given(args, Profile, nested=True, skip=_PIPELINE_SET))
     result = run_pipeline(profile, args.output_dir, args.data_dir, args.vavae_path, few_shot=args.few_shot,
                           user_ids=args.generate_user_ids, evaluate=args.evaluate)
     print(f"[pipeline] done: {result['num_images']} images in {result['generated']}")
     return 0
 
 
-def eval_config(paths: RunPaths, profile: Profile, data_dir, **overrides):
-    """The evaluation a profile implies: classifier reused from WORK/evaluation when present,
-    generated set from WORK/generated, few-shot regimes from WORK/fewshot_K/generated if run."""
-    few = {int(k): str(paths.few_shot(k).generated) for k in profile.few_shot
+def eval_config(paths: RunPaths, profile: Profile, data_dir, **overrides) -> EvalConfig:
+    """The profile's evaluation on this work folder: classifier reused from WORK/evaluation when
+    present, generated set from WORK/generated, few-shot regimes from WORK/fewshot_K/generated if
+    run, drawn with the profile's split seed as `prepare_split` drew them (overrides win)."""
+    few = {int(k): str(paths.few_shot(k).generated) for k in profile.eval.few_shot
            if (paths.few_shot(k).generated / "manifest.json").is_file()}
-    cfg = EvalConfig(
-        data_dir=str(data_dir), split=str(paths.split), output_dir=str(paths.evaluation),
+    cfg = dataclasses.replace(
+        profile.eval, data_dir=str(data_dir), split=str(paths.split), output_dir=str(paths.evaluation),
         generated_dir=str(paths.generated) if (paths.generated / "manifest.json").is_file() else None,
-        classifier=str(paths.evaluation / "classifier.safetensors"), epochs=profile.eval_epochs,
-        seeds=tuple(profile.eval_seeds), synthetic_per_user=tuple(profile.synthetic_per_user),
-        few_shot=tuple(profile.few_shot), few_shot_generated=few, image_size=profile.eval_image_size,
+        classifier=str(paths.evaluation / "classifier.safetensors"), few_shot_generated=few,
+        few_shot_seed=profile.split_seed,
     )
-    for key, value in overrides.items():
-        if not hasattr(cfg, key):
-            raise MdgenError(f"unknown evaluation setting {key!r}")
-        setattr(cfg, key, value)
-    return cfg
+    return apply(cfg, overrides)

@@ -6,6 +6,11 @@ override) from environment variables, which is how CI and the demo drive them he
 
     MDGEN_PROFILE=cpu-smoke MDGEN_WORK_DIR=/tmp/w jupyter nbconvert --execute notebooks/01_*.ipynb
 
+A profile nests the stage configs (`train`, `sampling`, `eval`: the dataclasses of
+`mdgen_helpers.settings`, not copies of their fields) next to the data and tokenizer settings.
+Overrides use the field names: `MDGEN_SIM_USERS=6`, `MDGEN_TRAIN__MAX_STEPS=200`,
+`get_profile(**{"train.max_steps": 200})`; unknown names are errors.
+
 Profiles:
 - `cpu-smoke`: the smallest run that still executes every code path (CI, a few minutes for all
   four notebooks on 2 cores). Its tokenizer is a tiny randomly initialised VA-VAE written in the
@@ -20,12 +25,15 @@ Profiles:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from mdgen_helpers.errors import MdgenError
+from mdgen_helpers.settings import EvalConfig, SamplingSettings, TrainConfig, apply, env_overrides
+
+# MDGEN_* variables that are notebook parameters, not profile fields.
+NOTEBOOK_VARIABLES = ("PROFILE", "WORK_DIR", "DATA_DIR", "VAVAE_PATH", "RESUME_FROM", "INIT_FROM")
 
 
 @dataclass
@@ -35,117 +43,71 @@ class Profile:
     sim_users: int = 10
     sim_per_user: int = 60
     sim_seed: int = 0
-    split_seed: int = 0
+    split_seed: int = 0  # also draws the few-shot subsets (pipeline and evaluation alike)
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     # tokenizer: "standin" (fit the weight-free stand-in), "vavae" (a checkpoint path must be given),
     # "random-vavae" (a tiny random VA-VAE in the official layout: exercises the loader, for CI)
     tokenizer: str = "standin"
     extract_batch_size: int = 32
     num_workers: int = 2
-    # training
-    preset: str = "tiny"
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # LightningDiT arguments on top of the preset
-    batch_size: int = 32
-    max_steps: int = 1000
-    max_epochs: int | None = None
-    lr: float = 3e-4
-    warmup_steps: int = 50
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1
-    precision: str = "auto"
-    devices: int = 1
-    log_every: int = 25
-    val_every: int = 250
-    ckpt_every: int = 500
-    preview_every: int = 0
-    time_budget_h: float | None = None
-    # generation
+    # the stages (latent_dir/output_dir/tokenizer, data/split/output paths are filled in by the pipeline)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
     num_samples_per_user: int = 8
-    guidance_scale: float = 4.0
-    num_steps: int = 25
-    solver: str = "heun"
-    timestep_shift: float = 0.0
     guidance_sweep: tuple[float, ...] = (1.0, 2.0, 4.0, 7.0)
-    gen_batch_size: int = 64
-    # evaluation
-    eval_image_size: int = 64
-    eval_epochs: int = 15
-    eval_seeds: tuple[int, ...] = (0, 1)
-    synthetic_per_user: tuple[int, ...] = (0, 10, 20)
-    few_shot: tuple[int, ...] = ()
+    eval: EvalConfig = field(default_factory=EvalConfig)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+# What the two CPU profiles share: the tiny model, trained for minutes.
+_CPU_TRAIN = dict(preset="tiny", model_overrides={"patch_size": 4}, max_epochs=None, lr=3e-4, warmup_steps=50,
+                  log_every=25, val_every=250, ckpt_every=500)
+_CPU_EVAL = dict(image_size=64, epochs=15, seeds=(0,), synthetic_per_user=(0, 10))
+
 PROFILES: dict[str, Profile] = {
     "cpu-smoke": Profile(
-        name="cpu-smoke", tokenizer="random-vavae", sim_users=4, sim_per_user=12, preset="tiny",
-        model_overrides={"patch_size": 4}, batch_size=16, max_steps=30,
-        warmup_steps=5, log_every=5, val_every=15, ckpt_every=15, num_samples_per_user=2, num_steps=4,
-        solver="euler", guidance_sweep=(1.0, 4.0), gen_batch_size=16, eval_image_size=32, eval_epochs=2,
-        eval_seeds=(0,), synthetic_per_user=(0, 2), num_workers=0,
+        name="cpu-smoke", tokenizer="random-vavae", sim_users=4, sim_per_user=12, num_workers=0,
+        train=TrainConfig(**{**_CPU_TRAIN, "batch_size": 16, "max_steps": 30, "warmup_steps": 5, "log_every": 5,
+                             "val_every": 15, "ckpt_every": 15}),
+        sampling=SamplingSettings(num_steps=4, solver="euler", batch_size=16),
+        num_samples_per_user=2, guidance_sweep=(1.0, 4.0),
+        eval=EvalConfig(**{**_CPU_EVAL, "image_size": 32, "epochs": 2, "synthetic_per_user": (0, 2)}),
     ),
     # Tuned on 2 CPU cores (numbers in benchmarks/README.md): 16 tokens (patch 4) let the tiny model
     # learn who is who in 1200 steps (~3 min); patch 2 reached half the recognisability in 600.
     "cpu-demo": Profile(
-        name="cpu-demo", model_overrides={"patch_size": 4}, max_steps=1200, lr=1e-3, warmup_steps=50,
-        val_every=300, ckpt_every=600, num_samples_per_user=10, num_steps=16, solver="euler",
-        eval_seeds=(0,), synthetic_per_user=(0, 10),
+        name="cpu-demo",
+        train=TrainConfig(**{**_CPU_TRAIN, "max_steps": 1200, "lr": 1e-3, "val_every": 300, "ckpt_every": 600}),
+        sampling=SamplingSettings(num_steps=16, solver="euler"),
+        num_samples_per_user=10,
+        eval=EvalConfig(**_CPU_EVAL),
     ),
     "kaggle-t4x2": Profile(
-        name="kaggle-t4x2", sim_users=31, sim_per_user=150, tokenizer="vavae", preset="S/2",
-        batch_size=128, max_steps=40000, lr=1e-4, warmup_steps=1000, ema_decay=0.9995, devices=2,
-        precision="auto", log_every=100, val_every=2000, ckpt_every=2000, preview_every=2000,
-        time_budget_h=11.5, num_samples_per_user=50, num_steps=50, solver="heun",
-        gen_batch_size=128, eval_image_size=128, eval_epochs=30, eval_seeds=(0, 1, 2),
-        synthetic_per_user=(0, 25, 50, 100), few_shot=(5, 10, 20), extract_batch_size=64, num_workers=4,
+        name="kaggle-t4x2", sim_users=31, sim_per_user=150, tokenizer="vavae", extract_batch_size=64, num_workers=4,
+        train=TrainConfig(preset="S/2", batch_size=128, max_steps=40000, max_epochs=None, lr=1e-4, warmup_steps=1000,
+                          ema_decay=0.9995, devices=2, precision="auto", log_every=100, val_every=2000,
+                          ckpt_every=2000, preview_every=2000, time_budget=11.5),
+        sampling=SamplingSettings(num_steps=50, solver="heun", batch_size=128),
+        num_samples_per_user=50,
+        eval=EvalConfig(image_size=128, epochs=30, seeds=(0, 1, 2), synthetic_per_user=(0, 25, 50, 100),
+                        few_shot=(5, 10, 20)),
     ),
 }
 
 
 def get_profile(name: str | None = None, **overrides: Any) -> Profile:
-    """The named profile (default: $MDGEN_PROFILE or cpu-demo) with `overrides` applied.
-
-    Environment variables `MDGEN_<FIELD>` (e.g. MDGEN_MAX_STEPS=200) override fields too, so a
-    headless notebook run can be tuned without editing the notebook.
-    """
+    """The named profile (default: $MDGEN_PROFILE or cpu-demo) with overrides applied: first the
+    environment (`MDGEN_<FIELD>`, `MDGEN_<SECTION>__<FIELD>`, e.g. MDGEN_TRAIN__MAX_STEPS=200, so
+    a headless notebook run can be tuned without editing it), then `overrides` (dotted names,
+    e.g. `**{"train.max_steps": 200}`, or nested dicts)."""
     name = name or os.environ.get("MDGEN_PROFILE") or "cpu-demo"
     if name not in PROFILES:
         raise MdgenError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
-    profile = dataclasses.replace(PROFILES[name])
-    types = {f.name: f.type for f in dataclasses.fields(Profile)}
-    for f in dataclasses.fields(Profile):
-        env = os.environ.get(f"MDGEN_{f.name.upper()}")
-        if env is not None and f.name not in ("name", "extra"):
-            overrides.setdefault(f.name, _parse(env, getattr(profile, f.name)))
-    for key, value in overrides.items():
-        if key not in types:
-                raise MdgenError(f"unknown profile field {key!r}")
-        setattr(profile, key, value)
-    return profile
-
-
-def _parse(text: str, like: Any) -> Any:
-    """Parse an environment string to the type of the field's current value."""
-    if isinstance(like, dict):
-        return json.loads(text)
-    if isinstance(like, bool):
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(like, int):
-        return int(text)
-    if isinstance(like, float):
-        return float(text)
-    if isinstance(like, tuple):
-        parts = [p for p in text.replace(",", " ").split() if p]
-        kind = type(like[0]) if like else float
-        return tuple(kind(p) for p in parts)
-    if like is None:
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return None if text.lower() in ("", "none") else text
-    return text
+    from_env = env_overrides(Profile, ignore=NOTEBOOK_VARIABLES)
+    for key in ("name", "extra"):
+        if key in from_env:
+            raise MdgenError(f"MDGEN_{key.upper()} cannot be set from the environment; use MDGEN_PROFILE")
+    return apply(apply(PROFILES[name], from_env), overrides)

@@ -109,6 +109,15 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(identity={self.identity!r}, device={self.device}, dtype={self.dtype})"
 
+    def _store(self, kind: str, tensors: dict[str, torch.Tensor], meta: dict | None, device) -> None:
+        """Keep a fitted tokenizer's tensors (float32, contiguous) and its metadata; its identity is
+        `kind` plus the hash of those tensors, so equal tensors mean the same latents."""
+        for name, t in tensors.items():
+            setattr(self, name, t.float().contiguous())
+        self.meta = dict(meta or {})
+        self.identity = f"{kind}:{_tensor_hash(self.tensors())}"
+        self.to(device)
+
 
 # --------------------------------------------------------------------------------------------
 # VA-VAE
@@ -216,18 +225,11 @@ class PatchPCATokenizer(Tokenizer):
                 f"stand-in tokenizer tensors have wrong shapes: components {tuple(components.shape)} "
                 f"(expected (768, 32)), patch_mean {tuple(patch_mean.shape)}, eigenvalues {tuple(eigenvalues.shape)}"
             )
-        self.components = components.float().contiguous()
-        self.patch_mean = patch_mean.float().contiguous()
-        self.eigenvalues = eigenvalues.float().contiguous()
-        self.meta = dict(meta or {})
-        self.identity = f"{STANDIN_KIND}:{self._tensor_hash()}"
-        self.to(device)
+        self._store(STANDIN_KIND, {"components": components, "patch_mean": patch_mean, "eigenvalues": eigenvalues},
+                    meta, device)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"components": self.components, "patch_mean": self.patch_mean, "eigenvalues": self.eigenvalues}
-
-    def _tensor_hash(self) -> str:
-        return _tensor_hash(self.tensors())
 
     def to(self, device) -> "PatchPCATokenizer":
         self.device = torch.device(device)
@@ -339,15 +341,9 @@ class ColormapPCATokenizer(Tokenizer):
         bad = {k: (tuple(got), want) for k, (got, want) in shapes.items() if tuple(got) != want}
         if bad:
             raise CheckpointError(f"colormap stand-in tensors have wrong shapes (got, expected): {bad}")
-        self.components = components.float().contiguous()
-        self.patch_mean = patch_mean.float().contiguous()
-        self.eigenvalues = eigenvalues.float().contiguous()
-        self.lut = lut.float().contiguous()
-        self.scalar_of_index = scalar_of_index.float().contiguous()
-        self.decode_table = decode_table.float().contiguous()
-        self.meta = dict(meta or {})
-        self.identity = f"{COLORMAP_STANDIN_KIND}:{_tensor_hash(self.tensors())}"
-        self.to(device)
+        self._store(COLORMAP_STANDIN_KIND, {"components": components, "patch_mean": patch_mean, "eigenvalues": eigenvalues,
+                                            "lut": lut, "scalar_of_index": scalar_of_index, "decode_table": decode_table},
+                    meta, device)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"components": self.components, "patch_mean": self.patch_mean, "eigenvalues": self.eigenvalues,

@@ -34,7 +34,6 @@ Run layout (docs/design.md "train"): `config.json`, `ema.safetensors`, `metrics.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -42,7 +41,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,10 +55,11 @@ from tqdm.auto import tqdm
 
 from mdgen_helpers import checkpoints, dit, generate, viz
 from mdgen_helpers.env import mixed_precision_for
-from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, DataError, MdgenError
+from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, DataError
 from mdgen_helpers.files import atomic_write_json, atomic_write_text, load_safetensors_metadata
 from mdgen_helpers.flow import flow_matching_loss, sample_time
 from mdgen_helpers.latents import LatentStats, load_latents, load_stats
+from mdgen_helpers.settings import SamplingSettings, TrainConfig, TrainConfigError
 from mdgen_helpers.tokenizers import load_tokenizer
 from mdgen_helpers.users import UserMap
 # Validation: a fixed grid of t and fixed noise seeds, so val_loss is comparable across steps and runs.
@@ -69,71 +69,6 @@ PRECISIONS = {
     "auto": "auto", "no": "no", "32": "no", "fp32": "no", "32-true": "no",
     "fp16": "fp16", "16": "fp16", "16-mixed": "fp16", "bf16": "bf16", "bf16-mixed": "bf16",
 }
-
-
-class TrainConfigError(MdgenError):
-    """A training setting or input that cannot work; the message says which and what to change."""
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting. Defaults are the recommended settings for a few thousand images."""
-
-    latent_dir: str = ""
-    output_dir: str = ""
-    preset: str = "S/2"
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"depth": 2, "hidden_size": 64}
-    batch_size: int = 32                 # per process; global batch = batch_size * processes
-    max_epochs: int | None = 100
-    max_steps: int | None = None         # optimizer steps; the smaller of the two limits wins
-    lr: float = 1e-4
-    warmup_steps: int = 500              # linear warm-up, then constant (as LightningDiT)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)  # LightningDiT's AdamW betas
-    grad_accum: int = 1
-    clip_norm: float = 1.0               # 0 = no clipping (the norm is still measured)
-    ema_decay: float = 0.999             # small data: ~0.999; ImageNet used 0.9999
-    ema_warmup: bool = True              # decay min(ema_decay, (1+n)/(10+n)) after n updates
-    label_dropout: float = 0.1           # classifier-free guidance; dropped labels -> dit.null_label
-    time_dist: str = "uniform"           # or "logit_normal" (official LightningDiT)
-    cosine_weight: float = 0.0           # LightningDiT's velocity-direction term (1.0 there)
-    resample_latents: bool = False       # z = mean + std * eps from the stored posterior
-    precision: str = "auto"              # auto|no|32|fp16|16-mixed|bf16|bf16-mixed
-    devices: int = 1
-    cpu: bool = False                    # force the CPU even when a GPU is present
-    seed: int = 0
-    log_every: int = 50
-    val_every: int = 500                 # 0 = off
-    ckpt_every: int = 1000               # 0 = only at the end / at the time budget
-    preview_every: int = 0               # 0 = off; needs `tokenizer`
-    keep_last: int = 3
-    early_stop_patience: int = 0         # validations without improvement before stopping; 0 = off
-    resume: bool | str = False           # True: newest complete checkpoint in output_dir; or a folder
-    init_from: str | None = None         # official LightningDiT weights or one of our runs
-    time_budget: float | None = None     # hours for this session, e.g. 11.5 on Kaggle
-    tokenizer: str | None = None         # for preview decoding
-    preview_users: int = 8
-    preview_per_user: int = 4
-    preview_steps: int = 16
-    preview_guidance: float = 4.0
-    tensorboard: bool = False
-    progress: bool = True
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(obj) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        obj = dict(obj)
-        if "betas" in obj:
-            obj["betas"] = tuple(float(b) for b in obj["betas"])
-        return cls(**obj)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,9 +303,9 @@ def write_preview(ema_model, tokenizer, data: TrainData, cfg: TrainConfig, step:
     user_ids = list(data.user_map.user_ids[:cfg.preview_users])
     jobs = [(u, k) for u in user_ids for k in range(1, cfg.preview_per_user + 1)]
     scale = cfg.preview_guidance if model.config["class_dropout_prob"] > 0 else 1.0
+    sampling = SamplingSettings(guidance_scale=scale, num_steps=cfg.preview_steps, solver="euler", batch_size=len(jobs))
     z = generate.sample_latents(sampler, [u for u, _ in jobs], [generate.image_seed(cfg.seed, u, k) for u, k in jobs],
-                                guidance_scale=scale, num_steps=cfg.preview_steps, solver="euler",
-                                batch_size=len(jobs))
+                                sampling)
     images = generate.decode_to_uint8(tokenizer, z, batch_size=len(jobs))
     by_user: dict[int, list] = {}
     for img, (uid, _) in zip(images, jobs):

@@ -10,6 +10,7 @@ All three take a loaded `generate.Generator` and the tokenizer it was trained wi
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Sequence
 
@@ -23,72 +24,48 @@ from mdgen_helpers.generate import (
     normalize_solver,
     sample_latents,
 )
+from mdgen_helpers.settings import SamplingSettings
 from mdgen_helpers.viz import user_grid
 
 SOLVER_CHOICES = ("euler", "heun", "dopri5")
 STEP_CHOICES = (10, 25, 50, 100, 250)
 
 
-def _sample_images(gen, tokenizer, user_ids, num_samples, guidance_scale, num_steps, seed, solver,
-                   timestep_shift, guidance_interval, batch_size):
+def _sample_images(gen, tokenizer, user_ids, num_samples, sampling: SamplingSettings):
     """uint8 HWC arrays per user; seeds follow generate.image_seed, so a grid image equals the
-    file `generate` writes for the same seed and settings."""
+    file `generate` writes for the same settings."""
     jobs = [(u, k) for u in user_ids for k in range(1, num_samples + 1)]
-    latents = sample_latents(
-        gen, [u for u, _ in jobs], [image_seed(seed, u, k) for u, k in jobs],
-        guidance_scale=guidance_scale, num_steps=num_steps, solver=solver, timestep_shift=timestep_shift,
-        guidance_interval=guidance_interval, batch_size=batch_size,
-    )
-    images = decode_to_uint8(tokenizer, latents, batch_size=batch_size)
+    latents = sample_latents(gen, [u for u, _ in jobs], [image_seed(sampling.seed, u, k) for u, k in jobs], sampling)
+    images = decode_to_uint8(tokenizer, latents, batch_size=sampling.batch_size)
     by_user: dict[int, list] = {int(u): [] for u in user_ids}
     for (u, _), img in zip(jobs, images):
         by_user[int(u)].append(img.permute(1, 2, 0).numpy())
     return by_user
 
 
-def render_guidance_grid(
-    gen: Generator,
-    tokenizer,
-    user_ids: Sequence[int],
-    guidance_scale: float = 4.0,
-    num_steps: int = 25,
-    seed: int = 0,
-    num_samples: int = 4,
-    solver: str = "heun",
-    timestep_shift: float = 0.0,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
-    batch_size: int = 16,
-):
-    """Grid (rows = users, `num_samples` columns) at one guidance setting, for inline display."""
+def _describe(sampling: SamplingSettings) -> str:
+    return f"{sampling.num_steps} steps {normalize_solver(sampling.solver)}, seed {sampling.seed}"
+
+
+def render_guidance_grid(gen: Generator, tokenizer, user_ids: Sequence[int], sampling: SamplingSettings | None = None,
+                         num_samples: int = 4):
+    """Grid (rows = users, `num_samples` columns) at one sampling setting, for inline display."""
+    sampling = sampling or SamplingSettings()
     check_tokenizer(gen, tokenizer)
-    by_user = _sample_images(gen, tokenizer, list(user_ids), num_samples, guidance_scale, num_steps, seed,
-                             solver, timestep_shift, guidance_interval, batch_size)
-    title = f"guidance {guidance_scale:g}, {num_steps} steps {normalize_solver(solver)}, seed {seed}"
-    return user_grid(by_user, title)
+    by_user = _sample_images(gen, tokenizer, list(user_ids), num_samples, sampling)
+    return user_grid(by_user, f"guidance {sampling.guidance_scale:g}, {_describe(sampling)}")
 
 
-def guidance_sweep_figure(
-    gen: Generator,
-    tokenizer,
-    user_ids: Sequence[int],
-    scales: Sequence[float] = (1.0, 2.0, 4.0, 7.0),
-    num_steps: int = 25,
-    seed: int = 0,
-    solver: str = "heun",
-    timestep_shift: float = 0.0,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
-    batch_size: int = 16,
-):
+def guidance_sweep_figure(gen: Generator, tokenizer, user_ids: Sequence[int],
+                          scales: Sequence[float] = (1.0, 2.0, 4.0, 7.0), sampling: SamplingSettings | None = None):
     """Rows = users, columns = guidance scales, same noise in every column (sample 1 of each
     user), so the only thing that changes along a row is the guidance: the headless figure for
-    the report."""
+    the report. Every other setting comes from `sampling`."""
+    sampling = sampling or SamplingSettings()
     check_tokenizer(gen, tokenizer)
     user_ids = [int(u) for u in user_ids]
-    columns = []
-    for scale in scales:
-        by_user = _sample_images(gen, tokenizer, user_ids, 1, scale, num_steps, seed, solver, timestep_shift,
-                                 guidance_interval, batch_size)
-        columns.append(by_user)
+    columns = [_sample_images(gen, tokenizer, user_ids, 1, dataclasses.replace(sampling, guidance_scale=float(scale)))
+               for scale in scales]
     rows, cols = len(user_ids), len(scales)
     fig = Figure(figsize=(1.9 * cols + 0.6, 1.9 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -102,7 +79,7 @@ def guidance_sweep_figure(
                 ax.set_title(f"guidance {scale:g}", fontsize=9)
             if c == 0:
                 ax.set_ylabel(f"user {uid}", fontsize=9)
-    fig.suptitle(f"effect of guidance: {num_steps} steps {normalize_solver(solver)}, seed {seed}", fontsize=10)
+    fig.suptitle(f"effect of guidance: {_describe(sampling)}", fontsize=10)
     return fig
 
 
@@ -139,21 +116,24 @@ class RenderCache:
 
 
 def guidance_explorer(gen: Generator, tokenizer, user_ids: Sequence[int] | None = None, num_samples: int = 4,
-                      guidance_scale: float = 4.0, num_steps: int = 25, seed: int = 0, solver: str = "heun",
-                      cache_size: int = 16, batch_size: int = 16):
-    """An ipywidgets panel: users, guidance slider, steps, seed, solver; figures are cached per
-    setting. Returns a `VBox` with `.controls` (dict of widgets), `.output`, `.cache` and
-    `.update()` (re-render from the current control values)."""
+                      sampling: SamplingSettings | None = None, cache_size: int = 16):
+    """An ipywidgets panel: users, guidance slider, steps, seed, solver, starting from `sampling`
+    (the other settings stay as given); figures are cached per setting. Returns a `VBox` with
+    `.controls` (dict of widgets), `.output`, `.cache` and `.update()` (re-render from the
+    current control values)."""
     import ipywidgets as w
 
+    sampling = sampling or SamplingSettings()
     check_tokenizer(gen, tokenizer)
     all_users = list(gen.user_map.user_ids)
     chosen = [int(u) for u in (user_ids if user_ids is not None else all_users[:4])]
     gen.labels_of_users(chosen)
+    guidance_scale, num_steps, seed, solver = sampling.guidance_scale, sampling.num_steps, sampling.seed, sampling.solver
 
     def render(users, guidance_scale, num_steps, seed, solver):
-        return render_guidance_grid(gen, tokenizer, list(users), guidance_scale, num_steps, seed,
-                                    num_samples=num_samples, solver=solver, batch_size=batch_size)
+        chosen_settings = dataclasses.replace(sampling, guidance_scale=guidance_scale, num_steps=num_steps, seed=seed,
+                                              solver=solver)
+        return render_guidance_grid(gen, tokenizer, list(users), chosen_settings, num_samples=num_samples)
 
     controls = {
         "users": w.SelectMultiple(options=all_users, value=tuple(chosen), description="users", rows=min(6, len(all_users))),

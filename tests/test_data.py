@@ -309,3 +309,19 @@ def test_cli_split(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["split", "--help"])
     assert e.value.code == 0
+
+
+def test_user_map_knows_folders_and_generated_file_names():
+    from mdgen_helpers import users
+
+    um = UserMap.from_folders(["ID_10", "walker", "ID_2"])
+    assert um.folders == ("ID_2", "ID_10", "walker") and um.user_ids == (2, 10, 11)
+    assert um.label_of_folder("ID_10") == 1 and um.folder_of_user(11) == "walker"
+    with pytest.raises(ValueError, match="ID_3"):
+        um.label_of_folder("ID_3")
+    name = users.image_name(10, 3)
+    assert name == "micro_doppler_user10_003.png" and users.parse_image_name(name) == (10, 3)
+    assert users.parse_image_name("gen_0001.jpg") is None and um.label_of_image_name("notes.txt") is None
+    assert um.label_of_image_name(name) == 1
+    with pytest.raises(ValueError, match="user id 7"):
+        um.label_of_image_name(users.image_name(7, 1))

@@ -1,7 +1,7 @@
 """generate: checkpoint loading and refusals, per-image seeds, guidance, files, manifest, export.
 
-A tiny LightningDiT (depth 2, hidden 64) with seeded random weights is written as the
-ema.safetensors that train.py produces (same tensors and metadata fields), and the real
+A tiny LightningDiT (depth 2, hidden 64) with seeded random weights is written as
+ema.safetensors by the checkpoint code train.py uses (conftest `write_tiny_run`), and the real
 stand-in tokenizer is fitted on a few synthetic images, so every test runs the real code path.
 """
 
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from mdgen_helpers.files import atomic_save_safetensors, read_json, sha256_file
+from mdgen_helpers.files import read_json, sha256_file
 from mdgen_helpers.cli import main as cli_main
 from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, MdgenError
 from mdgen_helpers.generate import (
@@ -28,59 +28,13 @@ from mdgen_helpers.generate import (
     regenerate_image,
     sample_latents,
 )
-from mdgen_helpers.users import UserMap, image_name
+from mdgen_helpers.users import image_name
 
-NUM_USERS = 5
-TINY = dict(input_size=16, patch_size=2, in_channels=32, hidden_size=64, depth=2, num_heads=2)
-
-
-def synthetic_images(n: int, seed: int) -> list[torch.Tensor]:
-    """Smooth random images in [-1, 1] (upsampled low-resolution noise), enough to fit the PCA."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.randn(n, 3, 16, 16, generator=g)
-    fine = 0.3 * torch.randn(n, 3, 256, 256, generator=g)
-    up = torch.nn.functional.interpolate(low, size=256, mode="bilinear", align_corners=False)
-    return list(torch.tanh(up + fine))
-
-
-def make_tokenizer(path, seed: int):
-    from mdgen_helpers.tokenizers import fit_standin, load_tokenizer
-
-    # rgb-pca: a linear decoder, so batched-kernel round-off (~1e-6 in latents) stays within one
-    # grey level; the colormap decoder is a table lookup that can turn it into a colour step.
-    fit_standin(synthetic_images(6, seed), num_images=6, progress=False, kind="rgb-pca").save(path)
-    return load_tokenizer(path, "cpu")
-
-
-def write_tiny_run(run_dir, tokenizer_identity: str, seed: int = 0):
-    """A RUN dir with ema.safetensors as train.py writes it. Weights are perturbed from the
-    zero-initialised adaLN/output layers, so labels and guidance change the velocity."""
-    from mdgen_helpers.dit import LightningDiT, model_config
-
-    torch.manual_seed(seed)
-    model = LightningDiT(num_classes=NUM_USERS, **TINY)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    gs = torch.Generator().manual_seed(seed + 1)
-    meta = {
-        "model_config": model_config(model),
-        "user_map": UserMap.from_folders([f"ID_{k}" for k in range(1, NUM_USERS + 1)]).to_json(),
-        "tokenizer": tokenizer_identity,
-        "split_hash": "test-split",
-        "latent_mean": (0.1 * torch.randn(32, generator=gs)).tolist(),
-        "latent_std": (1.0 + torch.rand(32, generator=gs)).tolist(),
-        "step": 123,
-        "train_config": {"preset": "test"},
-    }
-    atomic_save_safetensors(model.state_dict(), run_dir / "ema.safetensors", meta)
-    return run_dir
+NUM_USERS = 5  # the users of the `write_tiny_run` fixture
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, make_tokenizer, write_tiny_run):
     root = tmp_path_factory.mktemp("gen")
     tok = make_tokenizer(root / "tok.safetensors", seed=0)
     run = root / "run"
@@ -91,6 +45,11 @@ def env(tmp_path_factory):
 
 
 SETTINGS = SamplingSettings(guidance_scale=3.0, num_steps=4, solver="euler", seed=7, batch_size=3)
+
+
+def sampling(**kw) -> SamplingSettings:
+    """Sampling settings for the tests: euler and batch 16 unless given."""
+    return SamplingSettings(**{"solver": "euler", "batch_size": 16, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -172,19 +131,19 @@ def test_noise_is_per_image_and_seeds_are_pure():
 def test_latents_do_not_depend_on_batch_size(env, solver):
     users, seeds = [1, 2, 5], [11, 12, 13]
     kw = dict(guidance_scale=4.0, num_steps=4, solver=solver)
-    one = sample_latents(env["gen"], users, seeds, batch_size=1, **kw)
-    three = sample_latents(env["gen"], users, seeds, batch_size=3, **kw)
+    one = sample_latents(env["gen"], users, seeds, sampling(batch_size=1, **kw))
+    three = sample_latents(env["gen"], users, seeds, sampling(batch_size=3, **kw))
     assert one.shape == (3, 32, 16, 16)
     torch.testing.assert_close(one, three, rtol=0, atol=1e-5)
     # Reordering the work does not change an image either.
-    rev = sample_latents(env["gen"], users[::-1], seeds[::-1], batch_size=2, **kw)
+    rev = sample_latents(env["gen"], users[::-1], seeds[::-1], sampling(batch_size=2, **kw))
     torch.testing.assert_close(rev.flip(0), one, rtol=0, atol=1e-5)
 
 
 def test_guidance_changes_all_32_channels(env):
     users, seeds = [2, 4], [3, 4]
-    base = sample_latents(env["gen"], users, seeds, guidance_scale=1.0, num_steps=4)
-    guided = sample_latents(env["gen"], users, seeds, guidance_scale=4.0, num_steps=4)
+    base = sample_latents(env["gen"], users, seeds, sampling(guidance_scale=1.0, num_steps=4))
+    guided = sample_latents(env["gen"], users, seeds, sampling(guidance_scale=4.0, num_steps=4))
     per_channel = (guided - base).abs().amax(dim=(0, 2, 3))
     assert per_channel.shape == (32,) and bool((per_channel > 1e-4).all()), per_channel
 
@@ -194,7 +153,7 @@ def test_guidance_scale_one_is_the_conditional_model(env):
 
     gen = env["gen"]
     users, seeds = [1, 5], [21, 22]
-    ours = sample_latents(gen, users, seeds, guidance_scale=1.0, num_steps=5, solver="heun")
+    ours = sample_latents(gen, users, seeds, sampling(guidance_scale=1.0, num_steps=5, solver="heun"))
     y = torch.tensor(gen.labels_of_users(users))
 
     def conditional(x, t):
@@ -210,14 +169,14 @@ def test_guidance_scale_one_is_the_conditional_model(env):
 @pytest.mark.parametrize("bad", [0, NUM_USERS + 1])
 def test_user_ids_outside_the_trained_range_are_refused(env, tmp_path, bad):
     with pytest.raises(UnknownUserError, match=r"1\.\.5") as e:
-        sample_latents(env["gen"], [1, bad], [0, 1], num_steps=2)
+        sample_latents(env["gen"], [1, bad], [0, 1], sampling(num_steps=2))
     assert str(bad) in str(e.value)
     with pytest.raises(UnknownUserError):
         generate_images(env["gen"], env["tok"], tmp_path / "o", [bad], 1, SETTINGS, progress=False)
     assert not (tmp_path / "o").exists()  # refused before any work
 
 
-def test_tokenizer_mismatch_is_refused(env, tmp_path, capsys):
+def test_tokenizer_mismatch_is_refused(env, tmp_path, capsys, make_tokenizer):
     other = make_tokenizer(tmp_path / "other.safetensors", seed=1)
     assert other.identity != env["tok"].identity
     with pytest.raises(ArtifactMismatchError, match="tokenizer mismatch"):
@@ -264,10 +223,10 @@ def test_cli_generates_with_the_seed_flags(env, tmp_path):
 
 def test_bad_settings_are_refused(env, tmp_path):
     with pytest.raises(MdgenError, match="solver"):
-        sample_latents(env["gen"], [1], [0], solver="rk4")
+        sample_latents(env["gen"], [1], [0], sampling(solver="rk4"))
     with pytest.raises(MdgenError, match="num_steps"):
-        sample_latents(env["gen"], [1], [0], num_steps=0)
+        sample_latents(env["gen"], [1], [0], sampling(num_steps=0))
     with pytest.raises(MdgenError, match="guidance_interval"):
-        sample_latents(env["gen"], [1], [0], guidance_interval=(0.8, 0.2))
+        sample_latents(env["gen"], [1], [0], sampling(guidance_interval=(0.8, 0.2)))
     with pytest.raises(MdgenError, match="repeat"):
         generate_images(env["gen"], env["tok"], tmp_path, [1, 1], 1, SETTINGS, progress=False)

@@ -124,8 +124,8 @@ def test_extraction_leaves_the_accelerator_state_free(setup):
     from accelerate.state import AcceleratorState
 
     work, root, split, tok, _ = setup
-    if AcceleratorState._shared_state:
-        pytest.skip("an earlier test in this process already initialised AcceleratorState")
+    # Start from a clean state whatever ran before in this process (no order-dependent skip).
+    AcceleratorState._reset_state(reset_partial_state=True)
     latents.extract_latents(root, split, tok, work / "latents", num_workers=0, progress=False)
     assert not AcceleratorState._shared_state
 
@@ -220,3 +220,16 @@ def test_vavae_extraction_through_random_official_checkpoint(setup, tmp_path):
     assert s.latents.shape == (3, 32, 16, 16) and torch.all(s.latents_std > 0)
     assert s.tokenizer == vavae.vavae_identity(ckpt)
     assert latents.load_stats(tmp_path / "lat")[1]["tokenizer"] == tok.identity
+
+
+def test_latent_stats_normalise_and_back():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn((6, 32, 4, 4), generator=g) * torch.linspace(0.5, 3.0, 32).view(1, -1, 1, 1) + 2.0
+    stats = latents.LatentStats.of(z)
+    n = stats.normalize(z)
+    torch.testing.assert_close(n.mean(dim=(0, 2, 3)), torch.zeros(32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(n.std(dim=(0, 2, 3), correction=0), torch.ones(32), atol=1e-4, rtol=0)
+    torch.testing.assert_close(stats.denormalize(n), z, atol=1e-5, rtol=0)
+    back = latents.LatentStats.from_json(stats.to_json())  # the checkpoint metadata keys
+    assert set(stats.to_json()) == {"latent_mean", "latent_std"}
+    assert torch.equal(back.mean, stats.mean) and torch.equal(back.std, stats.std)

@@ -282,7 +282,11 @@ def test_two_process_ddp_matches_one_process(ldir, tmp_path):
     assert abs(two["val_loss_ema"] - one["val_loss_ema"]) < 1e-4
 
 
-def test_preview_grid_is_decoded_with_the_stand_in_tokenizer(tmp_path):
+def test_preview_grid_is_decoded_with_the_stand_in_tokenizer(tmp_path, monkeypatch):
+    """The preview shows what `generate` would make from the EMA at that step: the same sampler,
+    seeds, denormalisation and decoder."""
+    from mdgen_helpers import generate, viz
+    from mdgen_helpers.settings import SamplingSettings
     from mdgen_helpers.tokenizers import fit_standin
 
     g = torch.Generator().manual_seed(0)
@@ -290,10 +294,26 @@ def test_preview_grid_is_decoded_with_the_stand_in_tokenizer(tmp_path):
     tok.save(tmp_path / "tok.safetensors")
     ld = write_latents(tmp_path / "lat", tokenizer=tok.identity)
     out = tmp_path / "run"
-    train(cfg_for(ld, out, max_steps=2, preview_every=2, tokenizer=str(tmp_path / "tok.safetensors"),
-                  preview_per_user=2, preview_steps=2))
+    shown = {}
+    real_grid = viz.user_grid
+    monkeypatch.setattr(viz, "user_grid", lambda images, title=None: shown.update(images) or real_grid(images, title))
+    cfg = cfg_for(ld, out, max_steps=2, preview_every=2, tokenizer=str(tmp_path / "tok.safetensors"),
+                  preview_per_user=2, preview_steps=2)
+    train(cfg)
     png = out / "previews" / "step_0000002.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The grid's images are the generation of the EMA saved at that step (ema.safetensors, step 2).
+    gen = generate.load_generator(out)
+    assert gen.step == 2 and sorted(shown) == list(gen.user_map.user_ids)
+    jobs = [(u, k) for u in gen.user_map.user_ids for k in (1, 2)]
+    z = generate.sample_latents(gen, [u for u, _ in jobs], [generate.image_seed(cfg.seed, u, k) for u, k in jobs],
+                                SamplingSettings(guidance_scale=cfg.preview_guidance, num_steps=2, solver="euler",
+                                                 batch_size=len(jobs)))
+    expected = generate.decode_to_uint8(tok, z, batch_size=len(jobs))
+    got = torch.stack([img for u in gen.user_map.user_ids for img in shown[u]])
+    assert got.dtype == torch.uint8 and got.shape == expected.shape
+    assert (got.int() - expected.int()).abs().max() <= 1  # float round-off of the EMA file round trip
+    assert got.float().std() > 1  # not a blank image
     # A tokenizer that did not make the latents is refused before training.
     with pytest.raises(ArtifactMismatchError, match="tokenizer"):
         train(cfg_for(write_latents(tmp_path / "lat2"), tmp_path / "run2", max_steps=2, preview_every=2,

@@ -12,13 +12,12 @@ from matplotlib.figure import Figure
 
 from mdgen_helpers.errors import ArtifactMismatchError
 from mdgen_helpers.generate import load_generator
+from mdgen_helpers.settings import SamplingSettings
 from mdgen_helpers.widgets import RenderCache, guidance_explorer, guidance_sweep_figure, render_guidance_grid
-
-from test_generate import make_tokenizer, write_tiny_run
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, make_tokenizer, write_tiny_run):
     root = tmp_path_factory.mktemp("widgets")
     tok = make_tokenizer(root / "tok.safetensors", seed=0)
     write_tiny_run(root, tok.identity)
@@ -31,8 +30,8 @@ def image_axes(fig: Figure):
 
 def test_render_guidance_grid_shows_users_by_samples(env, tmp_path):
     gen, tok = env
-    fig = render_guidance_grid(gen, tok, [2, 4], guidance_scale=3.0, num_steps=2, seed=1, num_samples=3,
-                               solver="euler")
+    fig = render_guidance_grid(gen, tok, [2, 4], SamplingSettings(guidance_scale=3.0, num_steps=2, seed=1, solver="euler"),
+                               num_samples=3)
     assert isinstance(fig, Figure) and len(image_axes(fig)) == 6
     labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
     assert labels == ["user 2", "user 4"]
@@ -42,7 +41,7 @@ def test_render_guidance_grid_shows_users_by_samples(env, tmp_path):
 
 def test_guidance_sweep_columns_are_scales_on_the_same_noise(env):
     gen, tok = env
-    fig = guidance_sweep_figure(gen, tok, [1, 3], scales=(1.0, 7.0), num_steps=2, solver="euler")
+    fig = guidance_sweep_figure(gen, tok, [1, 3], scales=(1.0, 7.0), sampling=SamplingSettings(num_steps=2, solver="euler"))
     axes = image_axes(fig)
     assert len(axes) == 4
     assert [ax.get_title() for ax in axes[:2]] == ["guidance 1", "guidance 7"]
@@ -50,11 +49,11 @@ def test_guidance_sweep_columns_are_scales_on_the_same_noise(env):
     assert not torch.equal(one, seven)  # guidance changes the picture
 
 
-def test_render_refuses_a_foreign_tokenizer(env, tmp_path):
+def test_render_refuses_a_foreign_tokenizer(env, tmp_path, make_tokenizer):
     gen, _ = env
     other = make_tokenizer(tmp_path / "other.safetensors", seed=3)
     with pytest.raises(ArtifactMismatchError):
-        render_guidance_grid(gen, other, [1], num_steps=1)
+        render_guidance_grid(gen, other, [1], SamplingSettings(num_steps=1))
 
 
 def test_cache_is_lru_keyed_by_settings():
@@ -80,7 +79,7 @@ def test_explorer_builds_widgets_and_renders_on_change(env):
     import ipywidgets as w
 
     gen, tok = env
-    panel = guidance_explorer(gen, tok, [1, 2], num_samples=1, num_steps=1, solver="euler")
+    panel = guidance_explorer(gen, tok, [1, 2], num_samples=1, sampling=SamplingSettings(num_steps=1, solver="euler"))
     assert isinstance(panel, w.VBox)
     c = panel.controls
     assert set(c) == {"users", "guidance_scale", "num_steps", "seed", "solver"}
