@@ -2,7 +2,8 @@
 
 This module runs the parts in order, guards against leakage and writes metrics.json; the parts
 live in `classifier.py` (the ResNet-18 and the images), `metrics.py` (the numbers) and
-`report.py` (headline table and figures). Every figure comes with its real-vs-real baseline, because a number alone cannot be read:
+`report.py` (headline table and figures). Every figure comes with its real-vs-real baseline,
+because a number alone cannot be read:
 
 1. **User classifier** (torchvision ResNet-18, from scratch unless a local ImageNet weight file is
    given) trained on real-train, model-selected on real-val, reported on real-test. Saved as

@@ -278,7 +278,7 @@ def env_overrides(cls, environ: Mapping[str, str] | None = None, ignore: Iterabl
     """{dotted name: value} from `MDGEN_<FIELD>` / `MDGEN_<SECTION>__<FIELD>` variables for the
     fields of dataclass `cls`; other `MDGEN_*` names (except `ignore`) are a SettingsError."""
     environ = os.environ if environ is None else environ
-    ignore = {i.upper() for i in ignore}
+    ignore = tuple(i.upper() for i in ignore)
     out: dict[str, Any] = {}
     for var, text in environ.items():
         if not var.startswith(ENV_PREFIX) or var[len(ENV_PREFIX):] in ignore:
