@@ -2,7 +2,8 @@
 
     RUN/ema.safetensors                 EMA weights; metadata = everything sampling needs
     RUN/config.json                     the same metadata, readable
-    RUN/checkpoints/step_0000100/       Accelerate `save_state` + complete.json (written last)
+    RUN/checkpoints/step_0000100/       Accelerate `save_state` + ema_state.safetensors, fsynced,
+                                        then complete.json (written last), then the rename
     RUN/checkpoints/.tmp_step_0000100/  a save in progress (or killed): never read, removed later
 
 A checkpoint folder counts only with its `complete.json` marker, and the newest complete one is
@@ -24,13 +25,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from mdgen_helpers import trust
 from mdgen_helpers.errors import CheckpointError
-from mdgen_helpers.files import atomic_save_safetensors, atomic_write_json, load_safetensors_metadata, read_json
+from mdgen_helpers.files import (atomic_save_safetensors, atomic_write_json, load_safetensors_metadata, read_json,
+                                 sha256_file)
 
 CKPT_DIR = "checkpoints"
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 COMPLETE = "complete.json"
 EMA_NAME = "ema.safetensors"
+EMA_STATE = "ema_state.safetensors"  # the EMA inside a checkpoint folder (pickle-free, not an Accelerate custom state)
 CONFIG_NAME = "config.json"
 EMA_FORMAT = "mdgen-dit-ema-v1"
 REQUIRED_METADATA = ("model_config", "user_map", "tokenizer", "latent_mean", "latent_std")
@@ -72,12 +76,62 @@ def is_complete(folder) -> bool:
 
 
 def finish_step_folder(tmp: Path, final: Path, marker: dict) -> Path:
-    """Mark a fully written temp folder complete (marker last) and rename it into place."""
+    """Mark a fully written temp folder complete (fsynced first, marker last) and rename it into place."""
+    trust.fsync_tree(tmp)
     atomic_write_json(tmp / COMPLETE, marker)
     if final.exists():  # an incomplete folder of the same step from a killed save
         shutil.rmtree(final)
     os.replace(tmp, final)
+    trust.fsync_dir(final.parent)
     return final
+
+
+def export_ema(ckpt: Path, run_dir) -> bool:
+    """Write RUN/ema.safetensors + config.json from checkpoint `ckpt` unless they already hold
+    exactly its EMA (same step and sha256 of its EMA state): the export is part of the checkpoint
+    transaction, redone by the next save or resume after a kill. Returns whether it wrote."""
+    if not (ckpt / EMA_STATE).is_file():  # a checkpoint from before EMA_STATE: its export is its own
+        return False
+    marker = read_marker(ckpt)
+    source = sha256_file(ckpt / EMA_STATE)
+    export = Path(run_dir) / EMA_NAME
+    if export.is_file():
+        try:
+            have = load_safetensors_metadata(export)
+        except Exception:  # noqa: BLE001 - a damaged export is simply rewritten
+            have = {}
+        if have.get("ema_state_sha256") == source and have.get("step") == marker.get("step"):
+            return False
+    meta = {k: marker[k] for k in ("model_config", "tokenizer", "split_hash", "user_map", "latent_mean",
+                                   "latent_std", "step", "train_config", "init", "format") if k in marker}
+    weights = {k[len("module."):]: v for k, v in load_file(str(ckpt / EMA_STATE)).items() if k.startswith("module.")}
+    write_ema(run_dir, weights, {**meta, "ema_state_sha256": source})
+    return True
+
+
+def checked_resume_folder(folder: Path) -> Path:
+    """Scan every file of the checkpoint Accelerate would unpickle (and every safetensors file)
+    before `load_state`; a bad one is named, with the previous complete checkpoint offered."""
+    try:
+        trust.scan_checkpoint_folder(folder)
+        if not (folder / EMA_STATE).is_file() and not (folder / "custom_checkpoint_0.pkl").is_file():
+            raise CheckpointError(f"checkpoint {folder} holds no EMA state ({EMA_STATE})")
+    except CheckpointError as e:
+        older = [p for _, p in list_checkpoints(folder.parent.parent) if p.name < folder.name]
+        hint = (f" Resume from the previous complete checkpoint: --resume {older[-1]}" if older
+                else " No earlier complete checkpoint exists: start a new --output_dir.")
+        raise CheckpointError(f"cannot resume from {folder}: {e}.{hint}") from None
+    return folder
+
+
+def read_ema_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The EMA (AveragedModel state dict) of a checkpoint: ema_state.safetensors, or (checkpoints
+    written before it existed) Accelerate's custom_checkpoint_0.pkl read with weights_only.
+    Non-finite weights are refused."""
+    path = folder / EMA_STATE
+    sd = load_file(str(path)) if path.is_file() else trust.load_pickle_safely(folder / "custom_checkpoint_0.pkl")
+    trust.require_finite(sd, f"EMA weights in {folder}")
+    return sd
 
 
 def prune(run_dir, keep_last: int, keep: Path | None = None) -> None:
@@ -134,11 +188,17 @@ def resume_folder(run_dir, resume: bool | str) -> Path | None:
 
 def copy_run(src, dst) -> Path | None:
     """Copy the newest complete checkpoint of run `src` (and its EMA export, config, metrics)
-    into run `dst`, e.g. from a read-only attached dataset. Returns the copied folder or None."""
+    into run `dst`, e.g. from a read-only attached dataset. Returns the copied folder or None.
+
+    The checkpoint is scanned first (`trust.scan_checkpoint_folder`: nothing in it may need code
+    to unpickle), and the copy must have the content (sha256) it had; the path and the sha256
+    are printed, so what was adopted is on record."""
     src, dst = Path(src), Path(dst)
     newest = latest_checkpoint(src)
     if newest is None:
         return None
+    trust.scan_checkpoint_folder(newest)
+    digest = trust.folder_sha256(newest)
     dst.mkdir(parents=True, exist_ok=True)
     for name in (EMA_NAME, CONFIG_NAME, "metrics.jsonl"):
         if (src / name).is_file():
@@ -147,7 +207,11 @@ def copy_run(src, dst) -> Path | None:
     tmp = target.with_name(".tmp_copy_" + target.name)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(newest, tmp)
+    if trust.folder_sha256(tmp) != digest:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{newest} changed while it was copied; run again")
     tmp.rename(target)
+    print(f"adopted {newest} (sha256 {digest}) as {target}")
     return target
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mdgen_helpers.data import load_image
 from mdgen_helpers.env import mixed_precision_for
+from mdgen_helpers import trust
 from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, DataError
 from mdgen_helpers.files import atomic_save_safetensors, atomic_write_json, load_safetensors_metadata, read_json, sha256_file
 from mdgen_helpers.users import UserMap, parse_image_name
@@ -98,15 +99,20 @@ def find_generated(generated_dir, user_map: UserMap) -> tuple[list[Path], list[i
     }
     items: list[tuple[Path, int]] = []
     folders = [f for f in user_map.folders if (gdir / f).is_dir()]
-    if folders:  # real layout (export)
+    # With a manifest, exactly its files count (never leftovers of an earlier run in the folder).
+    key = ("file" if manifest_path == gdir / "manifest.json" else
+           "dataset_file" if manifest_path is not None and manifest.get("dataset_dir") == gdir.name else None)
+    if key and manifest.get("images"):
+        info["layout"] = "manifest"
+        for r in manifest["images"]:
+            if r.get(key):
+                items.append((trust.inside(manifest_path.parent, r[key], "manifest entry"),
+                              _label_of_user(user_map, r["user_id"], gdir)))
+    elif folders:  # real layout (export) without a manifest
         info["layout"] = "folders"
         for f in folders:
             label = user_map.label_of_folder(f)
             items += [(p, label) for p in sorted((gdir / f).iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
-    elif manifest_path == gdir / "manifest.json" and manifest.get("images"):
-        info["layout"] = "manifest"
-        for r in manifest["images"]:
-            items.append((gdir / r["file"], _label_of_user(user_map, r["user_id"], gdir)))
     else:
         info["layout"] = "file names"
         for p in sorted(gdir.iterdir()):
@@ -165,9 +171,10 @@ def build_classifier(num_classes: int, pretrained: str | None = None, seed: int 
             raise CheckpointError(f"pretrained weights {path} not found; pass a local torchvision resnet18 ImageNet "
                                   f"file (e.g. resnet18-f37072fd.pth) or leave --pretrained out to train from scratch")
         if path.suffix == ".safetensors":
+            trust.check_safetensors(path, "pretrained weights")
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = trust.load_pickle_safely(path, "pretrained weights")
             state = state.get("state_dict", state) if isinstance(state, dict) else state
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         # strict=False only for the classifier head: fc.* is replaced (1000 ImageNet classes -> our

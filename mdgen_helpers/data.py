@@ -40,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mdgen_helpers.errors import DataError, MdgenError, SplitMismatchError
 from mdgen_helpers.files import atomic_write_json, read_json, sha256_bytes, sha256_json
+from mdgen_helpers.trust import inside
 from mdgen_helpers.users import UserMap
 
 IMAGE_SIZE = 256
@@ -292,6 +293,12 @@ def _list_files(folder: Path) -> list[Path]:
     return out
 
 
+def _outside(path: Path, data_dir: Path) -> bool:
+    """True when `path` (a symlink, or under one) resolves outside the data folder."""
+    root = data_dir.resolve()
+    return root not in path.resolve().parents
+
+
 def _check_file(path: Path) -> tuple[str | None, list[str], tuple[str, str] | None]:
     """(sha256, notes, reject) for one file; runs in a worker thread (Pillow releases the GIL)."""
     try:
@@ -332,8 +339,9 @@ def validate_dataset(data_dir: str | os.PathLike, user_map: UserMap | None = Non
         for p in sorted(_list_files(data_dir / folder), key=lambda p: _natural_key(p.relative_to(data_dir).as_posix())):
             files.append((folder, p))
     workers = workers or min(16, (os.cpu_count() or 2) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(_check_file, [p for _, p in files]))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # links leaving the folder are not read
+        results = list(pool.map(lambda p: (None, [], None) if _outside(p, data_dir) else _check_file(p),
+                                 [p for _, p in files]))
 
     seen: dict[str, str] = {}  # sha256 -> first relpath
     good: dict[str, list[tuple[str, str, tuple[str, ...]]]] = {f: [] for f in folders}
@@ -342,7 +350,12 @@ def validate_dataset(data_dir: str | os.PathLike, user_map: UserMap | None = Non
     for (folder, path), (digest, notes, reject) in zip(files, results):
         rel = path.relative_to(data_dir).as_posix()
         counts[folder]["files"] += 1
-        if reject is None and digest in seen:
+        if _outside(path, data_dir):
+            reject = ("outside", f"a link to {path.resolve()}, outside the data folder (not followed)")
+        elif reject is None and digest in seen and seen[digest].split("/")[0] != folder:
+            reject = ("label_conflict", f"same image as {seen[digest]} of another user (kept that one): "
+                                        "which user is it? remove one copy")
+        elif reject is None and digest in seen:
             reject = ("duplicate", f"same bytes as {seen[digest]} (kept that one)")
         if reject is not None:
             skipped.append(Skipped(rel, *reject))
@@ -407,6 +420,10 @@ class Split:
     fractions: tuple[float, float, float]
     forced: list[str] = field(default_factory=list)  # files moved to fill an empty part (see module doc)
     subsample: dict[str, Any] | None = None  # set by subsample_split
+    # Content identity: relpath -> sha256 of every split file, and what validation skipped (files,
+    # folders), so `check_split` can tell changed, new and known-skipped files apart. Part of the hash.
+    sha256: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         # One canonical order (user label, then natural file order): dataset indices, latent
@@ -417,8 +434,10 @@ class Split:
     @property
     def hash(self) -> str:
         """sha256 of the assignment (user map + parts): equal hash, equal split."""
-        return sha256_json({"user_map": self.user_map.to_json(),
-                            "parts": {p: [[f, int(l)] for f, l in self.parts[p]] for p in PARTS}})
+        ident = {"user_map": self.user_map.to_json(), "parts": {p: [[f, int(l)] for f, l in self.parts[p]] for p in PARTS}}
+        if self.sha256:  # splits written before content identity keep their hash
+            ident["sha256"] = dict(sorted(self.sha256.items()))
+        return sha256_json(ident)
 
     def files(self, part: str) -> list[str]:
         return [f for f, _ in self._part(part)]
@@ -459,6 +478,8 @@ class Split:
             "counts": {self.user_map.folder_of_label(l): c for l, c in self.counts().items()},
             "forced": list(self.forced),
             "subsample": self.subsample,
+            "sha256": dict(sorted(self.sha256.items())),
+            "skipped": list(self.skipped),
             "hash": self.hash,
         }
 
@@ -476,12 +497,17 @@ class Split:
             parts = {p: [(str(f), int(l)) for f, l in (raw[p].items() if isinstance(raw[p], dict) else raw[p])]
                      for p in PARTS}
             split = cls(user_map, parts, int(obj["seed"]), _check_fractions(obj["fractions"]),
-                        list(obj.get("forced", [])), obj.get("subsample"))
+                        list(obj.get("forced", [])), obj.get("subsample"), dict(obj.get("sha256") or {}),
+                        list(obj.get("skipped") or []))
         except (KeyError, TypeError, ValueError) as e:
             raise SplitMismatchError(f"malformed split file ({type(e).__name__}: {e}); re-run `split`") from None
         seen: set[str] = set()
         for p in PARTS:
             for f, label in parts[p]:
+                pp = f.replace("\\", "/").split("/")
+                if f.startswith("/") or os.path.isabs(f) or any(c in ("", ".", "..") for c in pp):
+                    raise SplitMismatchError(f"split file: path {f!r} is not a plain relative path inside the data "
+                                             "folder ('..', '.', absolute); re-run `split`")
                 if not 0 <= label < user_map.num_users:
                     raise SplitMismatchError(f"split file: {f} has label {label}, outside 0..{user_map.num_users - 1}")
                 if f in seen:
@@ -523,7 +549,9 @@ def make_split(report: ValidationReport, fractions: Sequence[float] = DEFAULT_FR
             forced.append(f)
         for part in PARTS:
             parts[part] += [(rel, label) for rel in sorted(mine[part], key=_natural_key)]
-    return Split(report.user_map, parts, int(seed), fr, sorted(forced, key=_natural_key))
+    skipped = sorted([s.relpath for s in report.skipped] + [f for f, _ in report.skipped_users], key=_natural_key)
+    return Split(report.user_map, parts, int(seed), fr, sorted(forced, key=_natural_key),
+                 sha256={r.relpath: r.sha256 for r in report.records}, skipped=skipped)
 
 
 def subsample_split(split: Split, per_user: int, seed: int = 0) -> Split:
@@ -542,8 +570,10 @@ def subsample_split(split: Split, per_user: int, seed: int = 0) -> Split:
         train += [(f, label) for f in files if f in keep]
     info = {"per_user": int(per_user), "seed": int(seed), "source_hash": split.hash,
             "source_train_files": len(split.parts["train"])}
+    kept = {f for f, _ in train} | {f for p in ("val", "test") for f, _ in split.parts[p]}
     return Split(split.user_map, {"train": train, "val": list(split.parts["val"]), "test": list(split.parts["test"])},
-                 split.seed, split.fractions, list(split.forced), info)
+                 split.seed, split.fractions, list(split.forced), info,
+                 {f: h for f, h in split.sha256.items() if f in kept}, list(split.skipped))
 
 
 def save_split(split: Split, path: str | os.PathLike) -> Path:
@@ -563,8 +593,13 @@ def load_split(path: str | os.PathLike) -> Split:
 
 
 def check_split(split: Split, data_dir: str | os.PathLike) -> None:
-    """Refuse a split whose files are not all in `data_dir` (wrong folder, or files removed)."""
+    """Refuse a split whose files are not all in `data_dir` (wrong folder, or files removed), and,
+    when it records content (sha256), one whose files changed or whose folder gained user folders
+    or files since: every later stage would otherwise reuse results made from other data."""
     data_dir = Path(data_dir)
+    for p in PARTS:
+        for f in split.files(p):
+            inside(data_dir, f, "split path")
     missing = [f for p in PARTS for f in split.files(p) if not (data_dir / f).is_file()]
     if missing:
         n = sum(len(split.parts[p]) for p in PARTS)
@@ -573,6 +608,37 @@ def check_split(split: Split, data_dir: str | os.PathLike) -> None:
             f"{len(missing)} of {n} files of the split are missing from {data_dir}: {shown}. "
             f"If the data folder is right, re-run `python -m mdgen_helpers split --data_dir {data_dir} --out SPLIT.json` "
             f"(files that still exist keep their part); otherwise pass the data folder the split was made from.")
+    if split.sha256:
+        _check_content(split, data_dir)
+
+
+def _check_content(split: Split, data_dir: Path) -> None:
+    """Changed files (sha256), new user folders and new files: one error that lists them."""
+    resplit = (f"re-run `python -m mdgen_helpers split --data_dir {data_dir} --out SPLIT.json` (existing files keep "
+               "their part; latents, tokenizer and model are then recomputed for the new content)")
+    changed = [f for f, h in split.sha256.items() if sha256_bytes((data_dir / f).read_bytes()) != h]
+    known = set(split.sha256) | {f for p in PARTS for f in split.files(p)} | set(split.skipped)
+    if split.subsample:  # a few-shot split leaves the parent's other train files out on purpose
+        return _raise_changes(changed, [], [], resplit)
+    folders = [f for f in _user_folders(data_dir) if f not in split.user_map.folders and f not in known]
+    new_files = [p.relative_to(data_dir).as_posix() for folder in split.user_map.folders if (data_dir / folder).is_dir()
+                 for p in _list_files(data_dir / folder) if p.relative_to(data_dir).as_posix() not in known]
+    _raise_changes(changed, folders, new_files, resplit)
+
+
+def _raise_changes(changed: list[str], folders: list[str], new_files: list[str], resplit: str) -> None:
+    def show(xs):
+        return ", ".join(sorted(xs, key=_natural_key)[:5]) + (", ..." if len(xs) > 5 else "")
+
+    parts = []
+    if changed:
+        parts.append(f"{len(changed)} files changed since the split was made ({show(changed)})")
+    if folders:
+        parts.append(f"{len(folders)} new user folders ({show(folders)})")
+    if new_files:
+        parts.append(f"{len(new_files)} new files ({show(new_files)})")
+    if parts:
+        raise SplitMismatchError("the data folder no longer matches the split: " + "; ".join(parts) + f". To use them, {resplit}")
 
 
 def ensure_split(data_dir: str | os.PathLike, split_path: str | os.PathLike, seed: int | None = None,

@@ -204,6 +204,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     with "complete": false until the end, so a crash keeps what was measured) and figures."""
     started = time.time()
     out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MdgenError(f"--output_dir {out_dir} is a file; give a folder for the evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     epochs = cfg.epochs or default_epochs(device)

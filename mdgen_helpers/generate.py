@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from PIL import Image
 from torchvision.transforms.functional import resize
 from tqdm.auto import tqdm
 
-from mdgen_helpers import checkpoints
+from mdgen_helpers import checkpoints, trust
 from mdgen_helpers.dit import LightningDiT, null_label
 from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, MdgenError
 from mdgen_helpers.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
@@ -101,6 +102,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     """Load the EMA weights and the metadata train.py stored with them; the model is in eval mode."""
     ema = checkpoints.read_ema(path)
     path, meta = ema.path, ema.meta
+    trust.require_finite(ema.state_dict, f"EMA weights in {path}")
     user_map = UserMap.from_json(meta["user_map"])
     stats = LatentStats.from_json(meta)
     cfg = dict(meta["model_config"])
@@ -223,6 +225,7 @@ def decode_to_uint8(tokenizer, latents: torch.Tensor, batch_size: int = 16, devi
     images = []
     for start in range(0, len(latents), batch_size):
         x = tokenizer.decode(latents[start : start + batch_size].to(device)).float().cpu()
+        trust.require_finite(x, "decoded images")
         images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
     return torch.cat(images) if images else torch.empty((0, 3, 256, 256), dtype=torch.uint8)
 
@@ -281,8 +284,14 @@ def generate_images(
     export_dataset: bool = False,
     tokenizer_path: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Sample, decode and write images, grid and manifest; returns the manifest.
+
+    The output folder is owned by this call: a non-empty folder is refused unless `overwrite`,
+    and then only a previous generation (the files its manifest lists) may be there. Everything
+    is written to a staging folder beside it and swapped in at the end, so the folder holds
+    exactly what the new manifest lists, and a killed run leaves it as it was.
 
     Work is split over Accelerate processes (`accelerate launch` or notebook_launcher); each
     process writes its own images, the main process gathers the records and writes the grid and
@@ -301,16 +310,25 @@ def generate_images(
     if num_samples_per_user < 1:
         raise MdgenError(f"num_samples_per_user must be >= 1, got {num_samples_per_user}")
     gen.labels_of_users(user_ids)  # refuse bad ids before any work
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(output_dir)
+    state = PartialState(cpu=gen.device.type == "cpu")  # cpu=True: several CPU processes use gloo
+    if state.is_main_process:
+        claim_output_dir(final, overwrite)
+    state.wait_for_everyone()
+    out = _staging_dir(final)  # every process writes here; swapped in when complete
 
     jobs = [
         (uid, k, image_seed(settings.seed, uid, k)) for uid in user_ids for k in range(1, num_samples_per_user + 1)
     ]
-    state = PartialState(cpu=gen.device.type == "cpu")  # cpu=True: several CPU processes use gloo
     started = time.time()
-    with state.split_between_processes(jobs) as my_jobs:
-        records = _generate_shard(gen, tokenizer, out, list(my_jobs), settings, export_dataset, progress and state.is_main_process)
+    try:
+        with state.split_between_processes(jobs) as my_jobs:
+            records = _generate_shard(gen, tokenizer, out, list(my_jobs), settings, export_dataset,
+                                      progress and state.is_main_process)
+    except BaseException:
+        if state.is_main_process:  # nothing half-made stays; the output folder was never touched
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     records = gather_object(records) if state.num_processes > 1 else records
     state.wait_for_everyone()
     manifest: dict[str, Any] = {}
@@ -340,6 +358,8 @@ def generate_images(
             "seconds": round(time.time() - started, 3),
         }
         atomic_write_json(out / MANIFEST_NAME, manifest)
+        trust.fsync_tree(out)
+        _swap_in(out, final)
     state.wait_for_everyone()
     return manifest
 
@@ -352,6 +372,7 @@ def _generate_shard(gen, tokenizer, out: Path, jobs, settings: SamplingSettings,
     for b, start in enumerate(tqdm(range(0, len(jobs), bs), desc="generating", unit="batch", disable=not progress)):
         batch = jobs[start : start + bs]
         latents, nfes = sample_latents(gen, [j[0] for j in batch], [j[2] for j in batch], settings, return_nfe=True)
+        trust.require_finite(latents, f"sampled latents of users {sorted({j[0] for j in batch})}")
         images = decode_to_uint8(tokenizer, latents, batch_size=bs)
         for (uid, k, seed), image, nfe in zip(batch, images, nfes):
             name = image_name(uid, k)
@@ -359,12 +380,63 @@ def _generate_shard(gen, tokenizer, out: Path, jobs, settings: SamplingSettings,
             record = {"file": name, "user_id": int(uid), "sample_index": int(k), "seed": int(seed), "nfe": nfe,
                       "batch": f"p{rank}b{b}"}
             if export:
-                folder = gen.user_map.folder_of_user(uid)
+                folder = trust.safe_component(gen.user_map.folder_of_user(uid), "user folder name")
                 rel = f"dataset/{folder}/{export_name(k)}"
-                write_dataset_jpeg(out / rel, image)
+                write_dataset_jpeg(trust.inside(out, rel, "export path"), image)
                 record["dataset_file"] = rel
             records.append(record)
     return records
+
+
+def _manifest_files(manifest: dict[str, Any]) -> list[str]:
+    """Every file a manifest says its folder holds (relative paths)."""
+    files = [MANIFEST_NAME] + ([manifest["grid"]] if manifest.get("grid") else [])
+    for r in manifest.get("images", []):
+        files.append(r["file"])
+        if r.get("dataset_file"):
+            files.append(r["dataset_file"])
+    return files
+
+
+def _staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp"
+
+
+def claim_output_dir(out: Path, overwrite: bool) -> Path:
+    """Check that this run may own `out` and return an empty staging folder beside it.
+
+    Refused: a file; a non-empty folder without `overwrite`; with it, files that the folder's
+    manifest does not list (they are never deleted). Everything is written to the staging folder
+    and swapped in by `_swap_in` at the end, so a killed run leaves `out` as it was."""
+    if out.exists() and not out.is_dir():
+        raise MdgenError(f"--output_dir {out} is a file; give a folder for the generated images")
+    present = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
+    if present and not overwrite:
+        raise MdgenError(f"--output_dir {out} is not empty ({len(present)} files); pass --overwrite to replace a "
+                         "previous generation there, or choose an empty folder")
+    if present:
+        old = read_json(out / MANIFEST_NAME) if (out / MANIFEST_NAME).is_file() else {}
+        owned = {trust.inside(out, f, "manifest entry") for f in _manifest_files(old)} if old else set()
+        foreign = [p for p in present if p.resolve() not in owned]
+        if foreign:
+            shown = ", ".join(str(p.relative_to(out)) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise MdgenError(f"--output_dir {out} holds {len(foreign)} files that no previous manifest lists ({shown}); "
+                             "they are not removed: choose an empty folder or move them")
+    stage = _staging_dir(out)
+    shutil.rmtree(stage, ignore_errors=True)  # what a killed run left
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Replace `out` (a previous generation, already checked by claim_output_dir) with `stage`."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    stage.rename(out)
+    trust.fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_grid(out: Path, records, user_ids, settings: SamplingSettings) -> str:
@@ -426,6 +498,8 @@ def add_cli_arguments(parser) -> None:
         "solver": {"choices": sorted(SOLVERS)},
         "guidance_interval": {"type": float, "nargs": 2, "metavar": ("START", "END")}})
     parser.add_argument("--export_dataset", action="store_true", help="also write dataset/ID_k/gen_NNNN.jpg")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a previous generation in --output_dir (only the files its manifest lists)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... for one process (default: Accelerate's device for each process)")
     parser.add_argument("--no_progress", action="store_true")
 
@@ -441,6 +515,7 @@ def cli_main(args) -> int:
     manifest = generate_images(
         gen, tokenizer, args.output_dir, args.user_ids, args.num_samples_per_user, sampling,
         export_dataset=args.export_dataset, tokenizer_path=str(args.tokenizer), progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     if manifest:
         print(f"wrote {len(manifest['images'])} images, {GRID_NAME} and {MANIFEST_NAME} to {args.output_dir}")

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from mdgen_helpers import data
+from mdgen_helpers import data, trust
 from mdgen_helpers.files import atomic_save_safetensors, load_safetensors_metadata, sha256_json
 from mdgen_helpers.errors import ArtifactMismatchError, DataError, MdgenError
 from mdgen_helpers.tokenizers import load_tokenizer
@@ -330,7 +330,8 @@ def extract_latents(data_dir, split, tokenizer, out_dir, batch_size: int = 32, n
         mean, std = merge_shards(rows, mean, std, n)
         if main:
             labels = torch.tensor(list(split.labels(part)), dtype=torch.int64).reshape(n)
-            atomic_save_safetensors({"latents": mean, "latents_std": std, "labels": labels}, path, meta)
+            with trust.disk_full_guard(out_dir, f"the {part} latents"):  # the temp file is already removed
+                atomic_save_safetensors({"latents": mean, "latents_std": std, "labels": labels}, path, meta)
         status[part] = "written"
         train_changed |= part == "train"
         state.wait_for_everyone()
@@ -344,7 +345,8 @@ def extract_latents(data_dir, split, tokenizer, out_dir, batch_size: int = 32, n
         status["stats"] = "skipped"
     else:
         if main:
-            LatentStats.of(load_latents(out_dir, "train").latents).save(stats_path, stats_meta)
+            with trust.disk_full_guard(out_dir, "the latent statistics"):
+                LatentStats.of(load_latents(out_dir, "train").latents).save(stats_path, stats_meta)
         status["stats"] = "written"
     state.wait_for_everyone()
     return status

@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState
 
 from mdgen_helpers.env import notebook_launcher_status
 from mdgen_helpers.errors import MdgenError
-from mdgen_helpers.files import atomic_write_json, read_json
+from mdgen_helpers.files import atomic_write_json, json_safe, read_json
 from mdgen_helpers.settings import TrainConfig, TrainConfigError, add_arguments, apply, given
 from mdgen_helpers.train import train
 
@@ -139,5 +139,5 @@ def cli_main(args) -> int:
         print("re-launching: " + " ".join(cmd), flush=True)
         return subprocess.call(cmd, env=_child_env())
     result = train(cfg)
-    print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=2))
+    print(json.dumps(json_safe({k: v for k, v in result.items() if k != "losses"}), indent=2))
     return 0

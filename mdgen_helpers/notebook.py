@@ -100,17 +100,23 @@ def find_tokenizer(paths: RunPaths, profile: Profile, vavae_path: str | None = N
 
 def adopt_previous_run(paths: RunPaths, source: str | None = None) -> Path | None:
     """Copy a previous session's run (e.g. the read-only attached `mdgen-checkpoints`) into
-    WORK/run so training resumes from its newest complete checkpoint. Nothing is copied when
-    WORK/run already has a checkpoint of its own. Returns the source used, or None."""
+    WORK/run so training resumes from its newest complete checkpoint: only when `source` names it.
+
+    An attached run may be someone else's, so it is never adopted by itself: without `source`,
+    runs found among the attached datasets are listed with how to adopt them. `copy_run` scans
+    the checkpoint before copying and prints its path and sha256. Nothing is copied when WORK/run
+    already has a checkpoint of its own. Returns the source used, or None."""
     if checkpoints.latest_checkpoint(paths.run) is not None:
         return None
-    candidates = [Path(source)] if source else (env.find_inputs()["checkpoint"] if env.on_kaggle() else [])
-    for src in candidates:
-        if checkpoints.copy_run(src, paths.run) is not None:
-            return src
-    if source:
+    if not source:
+        for src in (env.find_inputs()["checkpoint"] if env.on_kaggle() else []):
+            if checkpoints.latest_checkpoint(src) is not None:
+                print(f"an attached run was found at {src}; it is not adopted automatically. To resume from it, "
+                      f"set RESUME_FROM = \"{src}\" (MDGEN_RESUME_FROM) after checking where it comes from")
+        return None
+    if checkpoints.copy_run(source, paths.run) is None:
         raise MdgenError(f"{source} holds no complete checkpoint (checkpoints/step_*/complete.json) to resume from")
-    return None
+    return Path(source)
 
 
 

@@ -180,8 +180,9 @@ def generate(paths: RunPaths, profile: Profile, tokenizer_file, user_ids=None, n
             print(f"generation in {paths.generated} is up to date ({len(old['images'])} images)")
             return old
     tok = tokenizers.load_tokenizer(tokenizer_file, device=device)
+    # WORK/generated belongs to the pipeline: a stale generation there is replaced (its files only).
     return gen_mod.generate_images(gen, tok, paths.generated, users, n, settings, export_dataset=export_dataset,
-                                   tokenizer_path=str(tokenizer_file), progress=progress)
+                                   tokenizer_path=str(tokenizer_file), progress=progress, overwrite=True)
 
 
 def _cuda() -> bool:

@@ -53,15 +53,20 @@ from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from mdgen_helpers import checkpoints, dit, generate, viz
+from mdgen_helpers import checkpoints, dit, generate, trust, viz
 from mdgen_helpers.env import mixed_precision_for
 from mdgen_helpers.errors import ArtifactMismatchError, CheckpointError, DataError
-from mdgen_helpers.files import atomic_write_json, atomic_write_text, load_safetensors_metadata
+from mdgen_helpers.files import atomic_save_safetensors, atomic_write_json, atomic_write_text, json_safe, load_safetensors_metadata
 from mdgen_helpers.flow import flow_matching_loss, sample_time
 from mdgen_helpers.latents import LatentStats, load_latents, load_stats
 from mdgen_helpers.settings import SamplingSettings, TrainConfig, TrainConfigError
 from mdgen_helpers.tokenizers import load_tokenizer
 from mdgen_helpers.users import UserMap
+
+# Settings a resumed run must share with its checkpoint: changing them mid-run would make the
+# record (config.json) describe a run that never happened. Limits, logging and devices may change.
+RESUME_FIXED = ("lr", "warmup_steps", "weight_decay", "betas", "clip_norm", "ema_decay", "ema_warmup",
+                "label_dropout", "time_dist", "cosine_weight", "resample_latents", "seed", "grad_accum")
 # Validation: a fixed grid of t and fixed noise seeds, so val_loss is comparable across steps and runs.
 VAL_T_GRID = tuple((k + 0.5) / 8 for k in range(8))
 VAL_SEED = 1_000_003
@@ -152,8 +157,11 @@ def load_train_data(cfg: TrainConfig, num_processes: int = 1) -> TrainData:
             f"batch size {cfg.batch_size} x {num_processes} process(es) = {global_batch} is larger than the "
             f"{len(train)} train latents; use --batch_size <= {len(train) // num_processes}"
         )
-    for name, t in (("train latents", train.latents), ("train posterior std", train.latents_std),
-                    ("stats mean", stats.mean), ("stats std", stats.std)):
+    checks = [("train latents", train.latents), ("train posterior std", train.latents_std),
+              ("stats mean", stats.mean), ("stats std", stats.std)]
+    if val is not None:
+        checks.append(("val latents", val.latents))
+    for name, t in checks:
         if not torch.isfinite(t).all():
             raise DataError(f"{ldir}: {name} contain NaN/inf values; re-run extract")
     if (stats.std <= 0).any():
@@ -368,6 +376,8 @@ def _steps_limit(cfg: TrainConfig, n_train: int, global_batch: int) -> int:
 def _check_config(cfg: TrainConfig) -> None:
     if not cfg.latent_dir or not cfg.output_dir:
         raise TrainConfigError("latent_dir and output_dir are required")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise TrainConfigError(f"--output_dir {cfg.output_dir} is a file; give a folder for the run")
     if cfg.grad_accum < 1 or cfg.keep_last < 1:
         raise TrainConfigError("--grad_accum and --keep_last must be >= 1")
     if not 0.0 <= cfg.ema_decay < 1.0:
@@ -409,7 +419,7 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
               flush=True)
     state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "best_val": None, "bad_vals": 0}
     if resume_from is not None:
-        state = _check_resume(resume_from, dit.model_config(model), data, cfg, world)
+        state = _check_resume(checkpoints.checked_resume_folder(resume_from), dit.model_config(model), data, cfg, world)
     state["init"] = init_info["init"]
     tokenizer = None
     if cfg.preview_every:
@@ -442,13 +452,22 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
     ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=ema_update_fn(cfg.ema_decay, cfg.ema_warmup),
                         use_buffers=True)
     ema.requires_grad_(False)
-    accelerator.register_for_checkpointing(ema)
+    # Not register_for_checkpointing: Accelerate would pickle it and unpickle it with weights_only=False.
     if resume_from is not None:
+        slots = [_LegacySlot() for _ in resume_from.glob("custom_checkpoint_*.pkl")]
+        for slot in slots:
+            accelerator.register_for_checkpointing(slot)
         accelerator.load_state(str(resume_from))
+        for slot in slots:  # never saved again: new checkpoints hold the EMA as safetensors
+            accelerator._custom_objects.remove(slot)
+        ema.load_state_dict(checkpoints.read_ema_state(resume_from))
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(out / "metrics.jsonl", state["step"])
-        checkpoints.write_config(out, _ema_metadata(mcfg, data, cfg, state["step"], state["init"]))
+        if resume_from is not None:  # an export older than the checkpoint (killed after the rename) is redone
+            checkpoints.export_ema(resume_from, out)
+        else:
+            checkpoints.write_config(out, _ema_metadata(mcfg, data, cfg, 0, state["init"]))
     if cfg.tensorboard:
         accelerator.init_trackers("mdgen", config={k: v for k, v in cfg.to_json().items()
                                                    if isinstance(v, (int, float, str, bool))})
@@ -606,7 +625,7 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
 def _log(accelerator, path: Path, rec: dict, tensorboard: bool) -> None:
     if accelerator.is_main_process:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.write(json.dumps(json_safe(rec), sort_keys=True, allow_nan=False) + "\n")
     if tensorboard:
         accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}, step=rec["step"])
 
@@ -631,30 +650,53 @@ def _ema_metadata(mcfg: dict, data: TrainData, cfg: TrainConfig, step: int, init
 
 def _save_checkpoint(accelerator, ema, out: Path, step: int, skipped: int, state: dict, mcfg: dict,
                      data: TrainData, cfg: TrainConfig) -> Path | None:
-    """Full state into checkpoints/step_XXXXXXX (temp folder, complete.json last, rename), the
-    sampling export ema.safetensors + config.json, then keep-last-K pruning."""
+    """One transaction: full state into checkpoints/.tmp_step_XXXXXXX (Accelerate's files plus the
+    EMA as safetensors), fsynced, `complete.json` last, renamed to step_XXXXXXX; then the sampling
+    export ema.safetensors + config.json, and keep-last-K pruning. A kill anywhere leaves the
+    previous complete checkpoint; a missing or older export is redone from the checkpoint by the
+    next save or resume (`checkpoints.export_ema`). A full disk removes the temp folder and says so."""
     final = checkpoints.step_folder(out, step)
     tmp = checkpoints.temp_folder(out, step)
     main = accelerator.is_main_process
     if checkpoints.is_complete(final):
+        if main:
+            checkpoints.export_ema(final, out)
+        accelerator.wait_for_everyone()
         return final
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    with trust.disk_full_guard(tmp.parent, f"checkpoint step {step}", remove=tmp):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            atomic_save_safetensors(ema.state_dict(), tmp / checkpoints.EMA_STATE)
+            meta = _ema_metadata(mcfg, data, cfg, step, state.get("init", ""))
+            marker = {**meta, "skipped_steps": skipped, "best_val": state.get("best_val"),
+                      "bad_vals": state.get("bad_vals", 0), "num_processes": accelerator.num_processes,
+                      "global_batch": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
+                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            checkpoints.finish_step_folder(tmp, final, marker)
     if main:
-        meta = _ema_metadata(mcfg, data, cfg, step, state.get("init", ""))
-        marker = {**meta, "skipped_steps": skipped, "best_val": state.get("best_val"),
-                  "bad_vals": state.get("bad_vals", 0), "num_processes": accelerator.num_processes,
-                  "global_batch": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
-                  "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        checkpoints.finish_step_folder(tmp, final, marker)
-        checkpoints.write_ema(out, ema.module.state_dict(), meta)
+        with trust.disk_full_guard(out, f"the EMA export of step {step}"):
+            checkpoints.export_ema(final, out)
         checkpoints.prune(out, cfg.keep_last, keep=tmp)
     accelerator.wait_for_everyone()
     return final
+
+
+class _LegacySlot:
+    """Stands in for the EMA that older checkpoints registered as Accelerate custom state 0, so
+    `load_state` accepts them (it requires one registered object per custom file). The file has
+    already passed the weights_only scan; its content is ignored here and read by
+    `checkpoints.read_ema_state`."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, _sd) -> None:
+        pass
 
 
 def _check_resume(folder: Path, mcfg: dict, data: TrainData, cfg: TrainConfig, world: int) -> dict:
@@ -666,6 +708,14 @@ def _check_resume(folder: Path, mcfg: dict, data: TrainData, cfg: TrainConfig, w
                 f"cannot resume from {folder}: its {key} differs from the latents in {cfg.latent_dir}; "
                 "resume with the same latents or start a new --output_dir"
             )
+    old_cfg = marker.get("train_config") or {}
+    new_cfg = cfg.to_json()
+    changed = {k: (old_cfg[k], new_cfg[k]) for k in RESUME_FIXED if k in old_cfg and old_cfg[k] != new_cfg[k]}
+    if changed:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise TrainConfigError(
+            f"cannot resume from {folder} with changed settings ({listed}): the run would no longer be the one "
+            f"its record describes. Resume with the checkpoint's values, or start a new --output_dir")
     if marker.get("model_config") != mcfg:
         raise CheckpointError(
             f"cannot resume from {folder}: it holds a different model ({marker.get('model_config')}) than "

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from mdgen_helpers.trust import safe_component
+
 _ID_RE = re.compile(r"^ID_(\d+)$")
 _IMAGE_NAME_RE = re.compile(r"^micro_doppler_user(\d+)_(\d+)\.png$")
 
@@ -88,7 +90,9 @@ class UserMap:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "UserMap":
-        return cls(tuple(obj["folders"]), tuple(int(i) for i in obj["user_ids"]))
+        # Folder names come from files others may have written: each must be one path component.
+        return cls(tuple(safe_component(f, "user folder name") for f in obj["folders"]),
+                   tuple(int(i) for i in obj["user_ids"]))
 
 
 def image_name(user_id: int, sample_index: int) -> str:

@@ -363,7 +363,8 @@ def _torch_load_weights_only(path: Path) -> Any:
             f"If you trust this file, re-save just its tensors (torch.save(ckpt['state_dict'], ...)) "
             f"in a trusted environment, or convert it there with `python -m mdgen_helpers convert-vavae`."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, OSError, and torch handing a
+        # `.safetensors`-named file to safetensors (SafetensorError): all mean "not readable as a checkpoint"
         raise CheckpointError(
             f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0][:200]}). {damaged}"
         ) from None

@@ -123,7 +123,7 @@ def test_bad_inputs_are_reported(report):
     assert "truncated" in skipped["ID_1/truncated.jpg"].reason
     assert skipped["ID_1/zero.jpg"].reason == "empty file (0 bytes)"
     assert skipped["ID_1/notes.txt"].kind == "not_image"
-    assert skipped["ID_2/copy_of_1.jpg"].kind == "duplicate"
+    assert skipped["ID_2/copy_of_1.jpg"].kind == "label_conflict"  # the same image under two users
     assert "ID_1/ID_1_0000.jpg" in skipped["ID_2/copy_of_1.jpg"].reason
     notes = {r.relpath: r.notes for r in report.records}
     assert notes["ID_2/gray.png"] == ("grayscale (mode L) converted to RGB",)
