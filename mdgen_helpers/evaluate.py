@@ -347,7 +347,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
         m["generator_manifest_sha256"] = gen_info.get("manifest_sha256")
         gen_feats, gen_probs = embed(clf.model, gen.images)
         real_acc = m["classifier"]["real_test"]["accuracy"]
-        m["recognisability"] = recognisability(clf, gen, real_acc, gen_probs, test_correct, cfg.bootstrap, seed0)
+        m["recognisability"] = recognisability(clf, gen, real_acc, gen_probs, test_correct, seed0)
         m["recognisability"]["image_size"] = image_size
         m["recognisability"]["by_size"] = {str(image_size): _recognisability_row(m["recognisability"],
                                                                                  m["classifier"]["real_train_accuracy"])}
@@ -526,7 +526,7 @@ def recognisability_at(cfg: EvalConfig, split, train: ImageSet, test: ImageSet, 
                               device=device, steps=steps, what=f"{size} px classifier training set", **train_kwargs)
     _, test_probs = embed(clf.model, te.images)
     real_acc = float((test_probs.argmax(1) == te.labels.numpy()).mean())
-    rec = recognisability(clf, ge, real_acc, None, test_probs.argmax(1) == te.labels.numpy(), cfg.bootstrap, seed)
+    rec = recognisability(clf, ge, real_acc, None, test_probs.argmax(1) == te.labels.numpy(), seed)
     return _recognisability_row(rec, accuracy(clf.model, tr))
 
 

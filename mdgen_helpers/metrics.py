@@ -285,6 +285,25 @@ def fd_ratio(generated, baseline, reference, num_bootstrap: int = 200, seed: int
             "level": level, "num_bootstrap": int(num_bootstrap)}
 
 
+def proportion_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Equal-tailed interval of the Beta(k + 1, n - k + 1) posterior of a proportion k/n (uniform
+    prior): it stays honest at 0 or n successes, where a bootstrap collapses to a point."""
+    alpha = (1.0 - level) / 2.0
+    return float(stats.beta.ppf(alpha, k + 1, n - k + 1)), float(stats.beta.ppf(1.0 - alpha, k + 1, n - k + 1))
+
+
+def proportion_ratio_interval(k1: int, n1: int, k2: int, n2: int, level: float = 0.95, num: int = 20000,
+                              seed: int = 0) -> tuple[float, float]:
+    """Interval for (k1/n1) / (k2/n2): quantiles of the ratio of the two posteriors
+    Beta(k + 1, n - k + 1), sampled with a seeded generator. Coverage of a true ratio 1 measured
+    by simulation (n = 45 vs 90, p = 0.1 ... 0.98): 95-98%; Jeffreys' prior gave 93-96% and
+    excluded 1 for 45/45 vs 84/90, which Fisher's exact test calls insignificant (p = 0.18)."""
+    rng = np.random.default_rng(seed)
+    r = rng.beta(k1 + 1, n1 - k1 + 1, num) / rng.beta(k2 + 1, n2 - k2 + 1, num)
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(r, alpha)), float(np.quantile(r, 1.0 - alpha))
+
+
 def paired_difference(a, b, level: float = 0.95) -> dict:
     """Mean of a - b over paired runs (same seed) with a Student-t interval over the pairs."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
@@ -307,21 +326,20 @@ def paired_ratio(a, b, level: float = 0.95) -> dict:
 
 def recognisability(clf: UserClassifier, generated: ImageSet, real_test_accuracy: float,
                     probs: np.ndarray | None = None, test_correct: np.ndarray | None = None,
-                    bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0) -> dict[str, Any]:
     """Classifier accuracy on generated images, overall and per user, and its ratio to real-test.
-    With `test_correct` (per real-test image, 1 = right) the ratio gets a bootstrap interval over
-    both sets."""
+    With `test_correct` (per real-test image, 1 = right) the accuracy and the ratio get intervals
+    (`proportion_interval`, `proportion_ratio_interval`)."""
     rep = classification_report(clf.model, generated, clf.user_map, probs)
     rep["real_test_accuracy"] = real_test_accuracy
     rep["ratio_to_real_test"] = rep["accuracy"] / real_test_accuracy if real_test_accuracy > 0 else float("nan")
-    if test_correct is not None and bootstrap:
+    if test_correct is not None:
         if probs is None:
             _, probs = embed(clf.model, generated.images)
-        gen_correct = (probs.argmax(1) == generated.labels.numpy()).astype(np.float64)
-        rep["ratio_interval"] = list(bootstrap_interval(lambda g, t: g.mean() / max(t.mean(), 1e-12),
-                                                                (gen_correct, np.asarray(test_correct, np.float64)),
-                                                                bootstrap, seed))
-        rep["accuracy_interval"] = list(bootstrap_interval(np.mean, (gen_correct,), bootstrap, seed))
+        k_gen, n_gen = int((probs.argmax(1) == generated.labels.numpy()).sum()), len(generated)
+        k_test, n_test = int(np.sum(test_correct)), len(test_correct)
+        rep["ratio_interval"] = list(proportion_ratio_interval(k_gen, n_gen, k_test, n_test, seed=seed))
+        rep["accuracy_interval"] = list(proportion_interval(k_gen, n_gen))
     rep["target_ratio"] = RECOGNISABILITY_TARGET
     rep["meets_target"] = bool(rep["ratio_to_real_test"] >= RECOGNISABILITY_TARGET)
     return rep

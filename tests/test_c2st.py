@@ -98,3 +98,19 @@ def test_hand_written_fd_and_kid_match_torchmetrics():
     assert metrics.fd_ratio(b, b, a, num_bootstrap=0)["fd_generated"] == pytest.approx(ref, rel=1e-6)
     # torchmetrics' MMD assumes equal set sizes (as KID subsets are)
     assert metrics.mmd2_unbiased(a[:90], b) == pytest.approx(float(poly_mmd(ta[:90], tb)), rel=1e-6)
+
+
+def test_proportion_intervals_cover_the_truth_at_the_boundary():
+    lo, hi = metrics.proportion_interval(45, 45)
+    assert 0.9 < lo < hi <= 1.0  # all right is not certainty
+    # 45/45 vs 84/90 is not a significant difference (Fisher exact p = 0.18): the ratio interval holds 1
+    lo, hi = metrics.proportion_ratio_interval(45, 45, 84, 90)
+    assert lo <= 1.0 <= hi
+    # coverage of a true ratio of 1 by simulation
+    rng = np.random.default_rng(0)
+    hits = 0
+    for i in range(200):
+        k1, k2 = rng.binomial(45, 0.9), rng.binomial(90, 0.9)
+        lo, hi = metrics.proportion_ratio_interval(k1, 45, k2, 90, num=2000, seed=i)
+        hits += lo <= 1.0 <= hi
+    assert hits / 200 >= 0.9
