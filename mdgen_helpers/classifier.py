@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,11 +83,17 @@ def find_generated(generated_dir, user_map: UserMap) -> tuple[list[Path], list[i
 
     Accepts a generate.py output folder (manifest.json lists every image and its user id), its
     `dataset/` export (ID_k/*.jpg, the real layout; the manifest one level up), or a folder of
-    `micro_doppler_userNN_KKK.png` files without manifest.
+    `micro_doppler_userNN_KKK.png` files without manifest. A generate folder that holds a
+    `dataset/` export is read from the export: JPEGs like the real data, so the two-sample test
+    compares images, not file formats. With a manifest, exactly its files count (never leftovers
+    of an earlier run in the folder). `info["seeds"]` holds each image's sampling seed (None
+    where the manifest does not say).
     """
     gdir = Path(generated_dir)
     if not gdir.is_dir():
         raise DataError(f"generated folder {gdir} does not exist; run `python -m mdgen_helpers generate` first")
+    if any((gdir / "dataset" / f).is_dir() for f in user_map.folders):
+        gdir = gdir / "dataset"
     manifest_path = next((p for p in (gdir / "manifest.json", gdir.parent / "manifest.json") if p.is_file()), None)
     manifest = read_json(manifest_path) if manifest_path else {}
     info: dict[str, Any] = {
@@ -99,26 +106,29 @@ def find_generated(generated_dir, user_map: UserMap) -> tuple[list[Path], list[i
     }
     items: list[tuple[Path, int]] = []
     folders = [f for f in user_map.folders if (gdir / f).is_dir()]
-    # With a manifest, exactly its files count (never leftovers of an earlier run in the folder).
     key = ("file" if manifest_path == gdir / "manifest.json" else
            "dataset_file" if manifest_path is not None and manifest.get("dataset_dir") == gdir.name else None)
     if key and manifest.get("images"):
         info["layout"] = "manifest"
-        for r in manifest["images"]:
-            if r.get(key):
-                items.append((trust.inside(manifest_path.parent, r[key], "manifest entry"),
-                              _label_of_user(user_map, r["user_id"], gdir)))
+        records = [r for r in manifest["images"] if r.get(key)]
+        for r in records:
+            items.append((trust.inside(manifest_path.parent, r[key], "manifest entry"),
+                          _label_of_user(user_map, r["user_id"], gdir)))
+        info["seeds"] = [r.get("seed") for r in records]
     elif folders:  # real layout (export) without a manifest
         info["layout"] = "folders"
         for f in folders:
             label = user_map.label_of_folder(f)
             items += [(p, label) for p in sorted((gdir / f).iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+        seeds = {(r.get("user_id"), r.get("sample_index")): r.get("seed") for r in manifest.get("images", [])}
+        info["seeds"] = [seeds.get((user_map.user_of_label(lab), _export_index(p))) for p, lab in items]
     else:
         info["layout"] = "file names"
         for p in sorted(gdir.iterdir()):
             parsed = parse_image_name(p.name)
             if parsed:
                 items.append((p, _label_of_user(user_map, parsed[0], gdir)))
+        info["seeds"] = [None] * len(items)
     if not items:
         raise DataError(f"no generated images found in {gdir} (expected manifest.json with images, ID_k/ folders, "
                         f"or micro_doppler_userNN_KKK.png files)")
@@ -126,6 +136,13 @@ def find_generated(generated_dir, user_map: UserMap) -> tuple[list[Path], list[i
     if missing:
         raise DataError(f"{len(missing)} generated images listed in {gdir} are missing, e.g. {missing[0]}; re-run generate")
     return [p for p, _ in items], [label for _, label in items], info
+
+
+def _export_index(path: Path) -> int | None:
+    """k of an exported gen_KKKK.jpg (`generate.export_name`), to find its seed in the manifest."""
+    m = re.match(r"^gen_(\d+)\.", path.name)
+    return int(m.group(1)) if m else None
+
 
 def _label_of_user(user_map: UserMap, user_id: int, where: Path) -> int:
     try:
@@ -223,22 +240,28 @@ def accuracy(model: torch.nn.Module, data: ImageSet) -> float:
     _, probs = embed(model, data.images)
     return float((probs.argmax(1) == data.labels.numpy()).mean()) if len(data) else float("nan")
 
-def train_classifier(train: ImageSet, val: ImageSet, num_classes: int, *, epochs: int, seed: int,
-                     device: torch.device, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 5e-4,
-                     min_steps: int = 200, pretrained: str | None = None,
-                     progress: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train a ResNet-18 on `train`, keep the weights with the best `val` accuracy.
+def classifier_steps(num_train: int, epochs: int, batch_size: int, min_steps: int) -> int:
+    """Optimiser steps of `epochs` passes over `num_train` images, at least `min_steps`."""
+    return max(int(epochs) * (num_train // max(1, min(batch_size, num_train))), int(min_steps), 1)
 
-    One-cycle AdamW; `epochs` passes over the data but at least `min_steps` steps (few-shot sets
-    are tiny); validation `epochs` times, evenly spaced. No augmentation: flips change the
+
+def train_classifier(train: ImageSet, val: ImageSet | None, num_classes: int, *, epochs: int, seed: int,
+                     device: torch.device, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 5e-4,
+                     min_steps: int = 200, steps: int | None = None, pretrained: str | None = None,
+                     progress: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train a ResNet-18 on `train`; with `val`, keep the weights with the best `val` accuracy.
+
+    One-cycle AdamW for `steps` steps (None: `classifier_steps`, which grows with the training
+    set; pass the same `steps` to compare training sets at matched compute). Without `val` the
+    schedule is fixed and the last weights are kept, so no held-out image influences the model;
+    with it, validation runs `epochs` times, evenly spaced. No augmentation: flips change the
     physics (time reversal, Doppler sign). Callers run the leakage guard first.
     """
     if len(train) < 2:
         raise DataError(f"classifier training needs at least 2 images, got {len(train)}")
     model = build_classifier(num_classes, pretrained, seed).to(device)
     bs = min(batch_size, len(train))
-    steps_per_epoch = len(train) // bs
-    total = max(int(epochs) * steps_per_epoch, int(min_steps), 1)
+    total = int(steps) if steps else classifier_steps(len(train), epochs, batch_size, min_steps)
     eval_every = max(1, math.ceil(total / max(1, int(epochs))))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
@@ -262,17 +285,22 @@ def train_classifier(train: ImageSet, val: ImageSet, num_classes: int, *, epochs
         scaler.step(opt)
         scaler.update()
         sched.step()
-        if step % eval_every == 0 or step == total:
+        if val is not None and (step % eval_every == 0 or step == total):
             acc = accuracy(model, val)
             history.append({"step": step, "loss": float(loss.detach()), "val_accuracy": acc})
             if acc > best_acc:
                 best_acc, best_step = acc, step
                 best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_step = total
     model.eval()
     info = {"seed": int(seed), "epochs": int(epochs), "steps": total, "batch_size": bs, "lr": lr,
             "weight_decay": weight_decay, "min_steps": int(min_steps), "pretrained": pretrained,
-            "num_train": len(train), "num_val": len(val), "best_step": best_step, "val_accuracy": best_acc,
+            "num_train": len(train), "num_val": len(val) if val is not None else 0,
+            "model_selection": "best val accuracy" if val is not None else "fixed schedule (last weights)",
+            "best_step": best_step, "val_accuracy": best_acc if val is not None else None,
             "history": history, "seconds": round(time.time() - started, 2), "device": str(device)}
     return model, info
 

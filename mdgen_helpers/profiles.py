@@ -65,7 +65,9 @@ class Profile:
 # What the two CPU profiles share: the tiny model, trained for minutes.
 _CPU_TRAIN = dict(preset="tiny", model_overrides={"patch_size": 4}, max_epochs=None, lr=3e-4, warmup_steps=50,
                   log_every=25, val_every=250, ckpt_every=500)
-_CPU_EVAL = dict(image_size=64, epochs=15, seeds=(0,), synthetic_per_user=(0, 10))
+# Three seeds and 60 steps for every classifier (matched compute across arms): the arms, the
+# 128 px classifier and the 256 px two-sample test fit the CPU demo's budget.
+_CPU_EVAL = dict(image_size=64, epochs=15, steps=60, seeds=(0, 1, 2), synthetic_per_user=(0, 10))
 
 PROFILES: dict[str, Profile] = {
     "cpu-smoke": Profile(
@@ -74,7 +76,8 @@ PROFILES: dict[str, Profile] = {
                              "val_every": 15, "ckpt_every": 15}),
         sampling=SamplingSettings(num_steps=4, solver="euler", batch_size=16),
         num_samples_per_user=2, guidance_sweep=(1.0, 4.0),
-        eval=EvalConfig(**{**_CPU_EVAL, "image_size": 32, "epochs": 2, "synthetic_per_user": (0, 2)}),
+        eval=EvalConfig(**{**_CPU_EVAL, "image_size": 32, "epochs": 2, "steps": None, "seeds": (0,),
+                           "synthetic_per_user": (0, 2), "recognisability_sizes": (48,), "c2st_seeds": (0,)}),
     ),
     # Tuned on 2 CPU cores (numbers in benchmarks/README.md): 16 tokens (patch 4) let the tiny model
     # learn who is who in 1200 steps (~3 min); patch 2 reached half the recognisability in 600.
@@ -93,7 +96,7 @@ PROFILES: dict[str, Profile] = {
         sampling=SamplingSettings(num_steps=50, solver="heun", batch_size=128),
         num_samples_per_user=50,
         eval=EvalConfig(image_size=128, epochs=30, seeds=(0, 1, 2), synthetic_per_user=(0, 25, 50, 100),
-                        few_shot=(5, 10, 20)),
+                        few_shot=(5, 10, 20), recognisability_sizes=(64,)),
     ),
 }
 

@@ -181,6 +181,9 @@ class EvalConfig:
     batch_size: int = 64
     lr: float = 1e-3
     min_steps: int = field(default=200, metadata=_help("tiny few-shot sets still get this many optimiser steps"))
+    steps: int | None = field(default=None, metadata=_help(
+        "optimiser steps of every classifier, so that arms compare at matched compute "
+        "(default: epochs x real-train batches, at least min_steps)"))
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_help("training seeds for the augmentation runs"))
     synthetic_per_user: tuple[int, ...] = field(default=(0, 25, 50), metadata=_help(
         "synthetic images per user added to real-train (0 = real only)"))
@@ -200,6 +203,15 @@ class EvalConfig:
     memorisation_percentile: float = 1.0
     pixel_size: int = field(default=32, metadata=_help("pixel-space memorisation distances at this resolution"))
     physics_per_user: int = field(default=20, metadata=_help("images per user read off in the physics check"))
+    recognisability_sizes: tuple[int, ...] = field(default=(128,), metadata=_help(
+        "extra classifier input sizes for recognisability at more detail"))
+    c2st_seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_help(
+        "seeds of the real-vs-generated two-sample test (none: skip it)"))
+    c2st_steps: int = field(default=60, metadata=_help("optimiser steps of each two-sample-test CNN"))
+    c2st_size: int = field(default=256, metadata=_help("two-sample-test image size (the files' full size)"))
+    bootstrap: int = field(default=200, metadata=_help("bootstrap replicates for the intervals"))
+    calibrate: str | None = field(default=None, metadata=_help(
+        "'real' (half of real-val stands in for the generated set) or 'noise'"))
     figures: bool = True
     progress: bool = True
 

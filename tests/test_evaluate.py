@@ -67,7 +67,8 @@ def easy(tmp_path_factory):
 def _cfg(easy, out, **kw):
     base = dict(data_dir=str(easy["data_dir"]), split=str(easy["split_path"]), output_dir=str(out),
                 generated_dir=str(easy["gen_dir"]), epochs=2, batch_size=16, min_steps=0, seeds=(0,),
-                synthetic_per_user=(0, 3), device="cpu", image_size=SIZE, kid_subsets=5, progress=False)
+                synthetic_per_user=(0, 3), device="cpu", image_size=SIZE, kid_subsets=5, progress=False,
+                recognisability_sizes=(), c2st_seeds=(0,), c2st_steps=4, bootstrap=20)
     base.update(kw)
     return ev.EvalConfig(**base)
 
@@ -126,7 +127,8 @@ def test_classifier_learns_easy_set_and_roundtrips(easy, tmp_path):
 @pytest.fixture(scope="module")
 def full_run(easy, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    cfg = _cfg(easy, out, few_shot=(4,), few_shot_generated={4: str(easy["fs_dir"])}, filter_confidence=0.34)
+    cfg = _cfg(easy, out, few_shot=(4,), few_shot_generated={4: str(easy["fs_dir"])}, filter_confidence=0.34,
+               recognisability_sizes=(48,))
     return out, ev.evaluate(cfg)
 
 
@@ -143,15 +145,28 @@ def test_metrics_json_has_documented_keys(full_run, easy):
     rec = on_disk["recognisability"]
     assert set(rec["per_user"]) == {"1", "2", "3"} and 0 <= rec["ratio_to_real_test"] < 10
     fm = on_disk["realism"]["classifier_features"]
-    for side in ("generated_vs_test", "baseline_train_vs_test"):
+    for side in ("generated_vs_test", "baseline_val_vs_test"):
         assert {"fd", "kid", "kid_std", "precision", "recall", "density", "coverage"} <= set(fm[side])
-    assert fm["baseline_train_vs_test"]["num_fake"] == fm["generated_vs_test"]["num_fake"] == 18
+    # matched sample size: the generated set (18) is subsampled to real-val's size
+    n_val = len(easy["split"].files("val"))
+    assert fm["baseline_val_vs_test"]["num_fake"] == fm["generated_vs_test"]["num_fake"] == min(18, n_val)
+    assert fm["generated_vs_test"]["kid_subset_size"] <= min(18, n_val) // 2  # subsets differ: kid_std is real
+    r = fm["fd_ratio"]
+    assert r["interval"][0] <= r["ratio"] <= r["interval"][1]
+    assert r["ratio"] == pytest.approx(r["fd_generated"] / r["fd_baseline"])
+    assert set(rec["by_size"]) == {str(SIZE), "48"}
+    assert all(0 <= v["real_train_accuracy"] <= 1 for v in rec["by_size"].values())
+    c2 = on_disk["c2st"]
+    assert 0 <= c2["interval"][0] <= c2["accuracy"] <= c2["interval"][1] <= 1 and c2["image_size"] == 256
     assert "skipped" in on_disk["realism"]["inception"]
     mem = on_disk["memorisation"]
     assert {"feature", "pixel", "near_copies", "rule", "fraction_flagged"} <= set(mem)
     aug = on_disk["augmentation"]
     assert {"full", "filtered", "few_shot_4"} <= set(aug)
-    assert {"real_only", "real_plus_synthetic", "synthetic_only", "gain"} <= set(aug["full"])
+    assert {"real_only", "real_plus_synthetic", "synthetic_only", "gain_real_plus_synthetic",
+            "synthetic_only_ratio"} <= set(aug["full"])
+    # matched compute: every arm of a regime trains for the same number of steps
+    assert aug["full"]["steps"] == on_disk["settings"]["steps"]
     assert aug["full"]["real_plus_synthetic"]["3"]["num_synthetic"] == 9
     assert aug["few_shot_4"]["num_real_train"] == 12
     assert aug["few_shot_4"]["split_hash"] == ev.few_shot_split(easy["split"], 4, 0).hash
@@ -159,7 +174,11 @@ def test_metrics_json_has_documented_keys(full_run, easy):
     assert "physics" in on_disk["skipped"]  # the easy set has no users.json
     for name in on_disk["figures"]:
         assert (out / name).is_file()
-    assert {"confusion_real_test.png", "embedding_pca.png", "augmentation_gain.png"} <= set(on_disk["figures"])
+    assert {"confusion_real_test.png", "embedding_pca.png", "augmentation_gain.png",
+            "c2st_most_sure.png"} <= set(on_disk["figures"])
+    rows = (out / "per_image.csv").read_text().splitlines()
+    assert rows[0] == "file,user,seed,classifier_confidence,predicted_user,nearest_train_distance,c2st_score"
+    assert len(rows) == 1 + 18
     assert (out / "classifier.safetensors").is_file() and (out / "headline.md").is_file()
 
 
@@ -167,8 +186,12 @@ def test_headline_table_pairs_every_metric_with_a_baseline(full_run):
     _, m = full_run
     rows = report.headline_table(m)
     names = [r[0] for r in rows]
-    assert any("recognisability ratio" in n for n in names)
-    assert any("Fréchet" in n for n in names)
+    assert any("recognisability ratio at 32 px" in n for n in names)
+    assert any("recognisability ratio at 48 px" in n for n in names)
+    assert any("Fréchet" in n for n in names) and any("FD ratio" in n for n in names)
+    assert any(n.startswith("C2ST accuracy") for n in names)
+    assert any(n.startswith("gain_real_plus_synthetic") for n in names)
+    assert any(n.startswith("synthetic_only_ratio") for n in names)
     assert any("real + 3 synthetic/user" in n for n in names)
     assert any("few_shot_4" in n for n in names)
     assert all(len(r) == 3 and r[2] not in ("", None) for r in rows)
@@ -212,5 +235,6 @@ def test_physics_check_reads_simulated_truth(tmp_path):
     r = metrics.physics_check(d / "users.json", split.user_map, (files, labels), (files[:2], labels[:2]), max_per_user=2)
     assert set(r["per_user"]) == {"1", "2"}
     assert r["torso_velocity_mae_generated"] < 0.25 and r["step_rate_mae_generated"] < 0.4, r
+    assert r["step_rate_error_ratio"] == pytest.approx(r["step_rate_mae_generated"] / r["step_rate_mae_real_test"])
     row = r["per_user"]["1"]
     assert {"torso_velocity_truth", "torso_velocity_generated", "step_rate_real_test"} <= set(row)
