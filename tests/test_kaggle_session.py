@@ -144,7 +144,7 @@ def test_notebook_chain_as_on_kaggle(tmp_path, bundle_and_data):
     assert res.ok, res.log
     assert (res.published / "mdgen" / "split.json").is_file() and not (res.published / "mdgen" / "data").exists()
 
-    res = run("02", helpers, {**PARAMS, "MDGEN_TIME_BUDGET_H": "0.004"}, name="02 budget")
+    res = run("02", helpers, {**PARAMS, "MDGEN_TRAIN__TIME_BUDGET": "0.004"}, name="02 budget")
     assert res.ok, res.log
     first = json.loads((res.published / "mdgen" / "run" / "result.json").read_text())
     assert first["stopped"] == "time_budget" and 0 < first["step"] < 30
@@ -155,7 +155,7 @@ def test_notebook_chain_as_on_kaggle(tmp_path, bundle_and_data):
     assert second["stopped"] == "max_steps" and second["step"] == 30
     assert second["resumed_from"].endswith(f"step_{first['step']:07d}")
 
-    res = run("03", {**helpers, "micro-doppler-data": data}, {**PARAMS, "MDGEN_GUIDANCE_SCALE": "2.5"})
+    res = run("03", {**helpers, "micro-doppler-data": data}, {**PARAMS, "MDGEN_SAMPLING__GUIDANCE_SCALE": "2.5"})
     assert res.ok, res.log
     manifest = json.loads((res.published / "mdgen" / "generated" / "manifest.json").read_text())
     assert len(manifest["images"]) == 4 * 2 and manifest["settings"]["guidance_scale"] == 2.5

@@ -99,7 +99,7 @@ def test_explorer_shows_a_failing_render_in_its_status_line(env, monkeypatch):
     from mdgen_helpers import widgets
 
     gen, tok = env
-    panel = guidance_explorer(gen, tok, [1], num_samples=1, num_steps=1, solver="euler")
+    panel = guidance_explorer(gen, tok, [1], num_samples=1, sampling=SamplingSettings(num_steps=1, solver="euler"))
 
     def broken(*a, **k):
         raise RuntimeError("CUDA out of memory")
