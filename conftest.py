@@ -13,3 +13,5 @@ import tempfile
 def pytest_configure(config):
     os.environ.setdefault("MDGEN_PROFILE", "cpu-smoke")
     os.environ.setdefault("MDGEN_WORK_DIR", tempfile.mkdtemp(prefix="mdgen-nbval-"))
+    if not os.environ.get("MDGEN_DATA_DIR"):
+        os.environ.setdefault("MDGEN_SIMULATE", "1")  # simulated users only when asked for

@@ -21,6 +21,7 @@ from mdgen_helpers.settings import ENV_PREFIX, ENV_SEP
 from mdgen_helpers.files import atomic_write_text, read_json
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 NOTEBOOKS = ("01_extract_latents.ipynb", "02_train_dit.ipynb", "03_generate.ipynb", "04_evaluate.ipynb")
 
 
@@ -30,6 +31,8 @@ def notebook_env(profile: str, work_dir: str | Path, data_dir: str | None = None
     env = {"MDGEN_PROFILE": profile, "MDGEN_WORK_DIR": str(Path(work_dir).resolve())}
     if data_dir:
         env["MDGEN_DATA_DIR"] = str(Path(data_dir).resolve())
+    else:
+        env["MDGEN_SIMULATE"] = "1"  # the demo's data set is simulated, and says so
     if vavae_path:
         env["MDGEN_VAVAE_PATH"] = str(Path(vavae_path).resolve())
     for key, value in (overrides or {}).items():
@@ -81,10 +84,16 @@ def export_report(executed: list[Path], out_html: Path, title: str = "mdgen repo
 
     merged = nbformat.v4.new_notebook()
     merged.metadata = copy.deepcopy(nbformat.read(executed[0], as_version=4).metadata)
+    widget_state: dict = {}
     for path in executed:
         nb = nbformat.read(path, as_version=4)
         merged.cells.append(nbformat.v4.new_markdown_cell(f"---\n*Notebook `{path.name}`*"))
         merged.cells.extend(nb.cells)
+        # every notebook's widget models (ids are unique UUIDs): the first notebook's alone left the
+        # widgets of 02-04 blank in the report
+        widget_state.update(nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {}))
+    if widget_state:
+        merged.metadata["widgets"] = {WIDGET_STATE: {"state": widget_state, "version_major": 2, "version_minor": 0}}
     exporter = HTMLExporter(template_name="lab", embed_images=True)
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True

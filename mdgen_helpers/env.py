@@ -16,7 +16,9 @@ Everything here works unchanged on a laptop (no GPU, no /kaggle).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,10 +29,13 @@ KAGGLE_WORKING_LIMIT_GB = 20.0
 # What identifies each kind of input (see kaggle_datasets/README.md for how each is produced).
 MARKERS = {
     "helpers": "mdgen_bundle.json",          # helper package bundle (wheel + source)
+    "split": "split.json",                   # notebook 01's persisted split (a file)
     "latents": "stats.safetensors",          # extraction output directory
     "checkpoint": "ema.safetensors",         # training run directory
-    "data": "ID_1",                          # a data set with ID_k user folders
+    "generated": "manifest.json",            # notebook 03's generated set
+    "data": "ID_1",                          # a data set with ID_k (or ID_0k) user folders
 }
+DATA_FOLDER = re.compile(r"^ID_0*1$")        # the first user's folder: ID_1, ID_01, ID_001
 VAVAE_SUFFIXES = (".pt", ".ckpt", ".safetensors")
 
 
@@ -136,6 +141,9 @@ def notebook_launcher_status(num_processes: int) -> tuple[str, str]:
 
     if num_processes <= 1:
         return "in-process", "one process: training runs in this kernel"
+    if on_kaggle():
+        return "subprocess", ("on Kaggle: `accelerate launch` in a subprocess (notebook_launcher has failed there "
+                              "with 'CUDA error: initialization error' on images whose accelerate/torch pair looks fine)")
     torch_v, acc_v = _version_tuple(torch.__version__), _version_tuple(accelerate.__version__)
     if torch_v >= (2, 9) and acc_v < (1, 14):
         return "subprocess", (
@@ -148,6 +156,21 @@ def notebook_launcher_status(num_processes: int) -> tuple[str, str]:
             "notebook_launcher refuses: using `accelerate launch` in a subprocess"
         )
     return "notebook_launcher", f"accelerate {accelerate.__version__} + torch {torch.__version__}: notebook_launcher"
+
+
+_IMPORTED_AT = time.time()
+
+
+def session_start() -> float:
+    """When this session began (epoch seconds): the start of this process (on Kaggle the kernel, which
+    starts with the session), read from /proc; the time this module was imported where /proc is absent.
+    Kaggle's 12-hour limit counts from here, not from when training starts."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return min(boot + ticks / os.sysconf("SC_CLK_TCK"), _IMPORTED_AT)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
 
 
 def disk_usage(path: str | os.PathLike) -> tuple[float, float]:
@@ -182,7 +205,7 @@ def find_inputs(roots: list[str | os.PathLike] | None = None, max_depth: int = 5
 
     Works for both Kaggle layouts (`/kaggle/input/<slug>/...` and
     `/kaggle/input/datasets/<owner>/<slug>/...`) and any local folder passed in `roots`.
-    Kinds: helpers, latents, checkpoint, data (dirs), vavae (files).
+    Kinds: helpers, latents, checkpoint, generated, data (dirs); split, vavae (files).
     """
     roots = [Path(r) for r in (roots if roots is not None else [KAGGLE_INPUT])]
     found: dict[str, list[Path]] = {k: [] for k in (*MARKERS, "vavae")}
@@ -195,14 +218,22 @@ def find_inputs(roots: list[str | os.PathLike] | None = None, max_depth: int = 5
             depth = len(here.parts) - base_depth
             names = set(filenames) | set(dirnames)
             for kind, marker in MARKERS.items():
-                if marker in names and (kind != "data" or (here / marker).is_dir()):
+                if kind == "data":
+                    if any(DATA_FOLDER.match(d) for d in dirnames):
+                        found[kind].append(here)
+                elif kind == "split":
+                    # notebook 01's split; a data set's own DATA/split.json (from `extract` without --split) is not it
+                    if marker in filenames and not any(DATA_FOLDER.match(d) for d in dirnames):
+                        found[kind].append(here / marker)
+                elif marker in names:
                     found[kind].append(here)
             for f in filenames:
                 low = f.lower()
                 if "vavae" in low and low.endswith(VAVAE_SUFFIXES):
                     found["vavae"].append(here / f)
-            # do not descend into data sets or run folders: they can hold thousands of files
-            if depth >= max_depth or any(here in v for v in (found["data"], found["latents"], found["checkpoint"])):
+            # do not descend into data sets, run or generated folders: they can hold thousands of files
+            # (and a generated set's dataset/ID_k copy is not a real data set)
+            if depth >= max_depth or any(here in found[k] for k in ("data", "latents", "checkpoint", "generated")):
                 dirnames[:] = []
             dirnames.sort()
     return {k: sorted(set(v)) for k, v in found.items()}

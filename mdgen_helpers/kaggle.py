@@ -31,8 +31,13 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 BUNDLE_MARKER = "mdgen_bundle.json"  # env.MARKERS["helpers"] finds the bundle by this file
 
 _SLUG = re.compile(r"^[A-Za-z0-9_-]+/[a-z0-9][a-z0-9-]*[a-z0-9]$")
-LICENSES = {"CC0-1.0", "CC-BY-SA-4.0", "GPL-2.0", "ODbL-1.0", "CC-BY-NC-SA-4.0", "CC-BY-4.0",
-            "Apache-2.0", "MIT", "other", "unknown"}
+# Kaggle's documented licence names (kaggle-api docs/datasets_metadata.md), spelled exactly: there
+# is no "MIT", and Apache 2.0 is "apache-2.0". Code under MIT goes out as "other" (see the description).
+LICENSES = {"CC0-1.0", "CC-BY-SA-3.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "GPL-2.0", "ODbL-1.0", "DbCL-1.0",
+            "copyright-authors", "other", "unknown", "CC-BY-4.0", "CC-BY-NC-4.0", "PDDL", "CC-BY-3.0",
+            "CC-BY-3.0-IGO", "US-Government-Works", "CC-BY-NC-SA-3.0-IGO", "CDLA-Permissive-1.0",
+            "CDLA-Sharing-1.0", "CC-BY-ND-4.0", "CC-BY-NC-ND-4.0", "ODC-BY-1.0", "LGPL-3.0", "AGPL-3.0",
+            "FDL-1.3", "EU-ODP-Legal-Notice", "apache-2.0", "GPL-3.0"}
 KERNEL_KEYS = {"id", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu",
                "enable_tpu", "enable_internet", "dataset_sources", "competition_sources",
                "kernel_sources", "model_sources", "machine_shape", "docker_image"}
@@ -40,6 +45,33 @@ KERNEL_KEYS = {"id", "title", "code_file", "language", "kernel_type", "is_privat
 
 class KaggleMetadataError(MdgenError):
     pass
+
+
+def slugify(title: str) -> str:
+    """The slug Kaggle derives from a kernel title: lowercase, every run of other characters a '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def require_checkout() -> Path:
+    """The repository checkout these builders read (kaggle_datasets/, notebooks/, pyproject.toml);
+    a clear error when mdgen_helpers runs from an installed wheel or a bundle instead."""
+    missing = [n for n in ("pyproject.toml", "kaggle_datasets", "notebooks") if not (REPO_ROOT / n).exists()]
+    if missing:
+        raise MdgenError(f"this needs the mdgen repository checkout, but mdgen_helpers runs from {REPO_ROOT} "
+                         f"(no {', '.join(missing)} there): run it from a clone (pip install -e .)")
+    return REPO_ROOT
+
+
+def find_notebook(notebook: str) -> tuple[Path, Path]:
+    """(notebook file, its kernel-metadata.json) for a number or name like '02'."""
+    require_checkout()
+    matches = sorted(NOTEBOOKS_DIR.glob(f"{notebook}*.ipynb")) or sorted(NOTEBOOKS_DIR.glob(f"*{notebook}*.ipynb"))
+    if len(matches) != 1:
+        raise MdgenError(f"--notebook {notebook!r} matches {[m.name for m in matches]}; give its number, e.g. 02")
+    meta_path = METADATA_DIR / "kernels" / matches[0].stem / "kernel-metadata.json"
+    if not meta_path.is_file():
+        raise MdgenError(f"no kernel metadata for {matches[0].name} at {meta_path}")
+    return matches[0], meta_path
 
 
 def validate_dataset_metadata(meta: dict) -> list[str]:
@@ -79,6 +111,9 @@ def validate_kernel_metadata(meta: dict) -> list[str]:
     title = meta.get("title", "")
     if not isinstance(title, str) or not 5 <= len(title) <= 50:
         problems.append(f"title must be 5-50 characters, got {title!r}")
+    elif isinstance(ident, str) and "/" in ident and slugify(title) != ident.split("/", 1)[1]:
+        problems.append(f"title {title!r} slugifies to {slugify(title)!r}, not the id's slug "
+                        f"{ident.split('/', 1)[1]!r}: `kaggle kernels push` would create another kernel")
     if meta.get("language") != "python" or meta.get("kernel_type") != "notebook":
         problems.append("language must be 'python' and kernel_type 'notebook'")
     if meta.get("enable_gpu") is not True:
@@ -93,6 +128,10 @@ def validate_kernel_metadata(meta: dict) -> list[str]:
     for key in ("dataset_sources", "kernel_sources", "competition_sources"):
         if not isinstance(meta.get(key, []), list):
             problems.append(f"{key} must be a list")
+    for key in ("dataset_sources", "kernel_sources"):
+        for source in meta.get(key, []) if isinstance(meta.get(key, []), list) else []:
+            if not isinstance(source, str) or not _SLUG.match(source):
+                problems.append(f"{key} entry {source!r} must be 'owner/slug'")
     if not str(meta.get("code_file", "")).endswith(".ipynb"):
         problems.append("code_file must name the notebook (.ipynb)")
     return problems
@@ -100,6 +139,7 @@ def validate_kernel_metadata(meta: dict) -> list[str]:
 
 def check_all_metadata(root: Path = METADATA_DIR) -> dict[str, list[str]]:
     """Validate every dataset-metadata.json and kernel-metadata.json under `root`."""
+    require_checkout()
     results = {}
     for path in sorted(root.rglob("dataset-metadata.json")):
         results[str(path.relative_to(root))] = validate_dataset_metadata(read_json(path))
@@ -115,6 +155,7 @@ def check_all_metadata(root: Path = METADATA_DIR) -> dict[str, list[str]]:
 
 def build_wheel(out_dir: Path) -> Path:
     """Build the package wheel with the installed setuptools (no network, no build isolation)."""
+    require_checkout()
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         # build from a copy so the repo gets no build/ or egg-info droppings
@@ -138,6 +179,7 @@ def build_bundle(out: str | Path, owner: str | None = None) -> Path:
     Install on Kaggle (no internet needed): `pip install --no-index --no-deps /kaggle/input/<slug>/*.whl`
     or put `<bundle>/src` on sys.path.
     """
+    require_checkout()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / BUNDLE_MARKER).exists():
         raise MdgenError(f"{out} exists and is not an mdgen bundle folder; choose an empty --out")
@@ -161,17 +203,12 @@ def build_bundle(out: str | Path, owner: str | None = None) -> Path:
 
 def build_kernel(notebook: str, out: str | Path, owner: str | None = None) -> Path:
     """Push-ready folder for `kaggle kernels push -p OUT`: the notebook + its kernel-metadata.json."""
-    matches = sorted(NOTEBOOKS_DIR.glob(f"{notebook}*.ipynb")) or sorted(NOTEBOOKS_DIR.glob(f"*{notebook}*.ipynb"))
-    if len(matches) != 1:
-        raise MdgenError(f"--notebook {notebook!r} matches {[m.name for m in matches]}; give its number, e.g. 02")
-    nb = matches[0]
-    meta_path = METADATA_DIR / "kernels" / nb.stem / "kernel-metadata.json"
-    if not meta_path.is_file():
-        raise MdgenError(f"no kernel metadata for {nb.name} at {meta_path}")
+    nb, meta_path = find_notebook(notebook)
     meta = read_json(meta_path)
     if owner:
         meta["id"] = f"{owner}/{meta['id'].split('/', 1)[1]}"
-        meta["dataset_sources"] = [f"{owner}/{s.split('/', 1)[1]}" for s in meta.get("dataset_sources", [])]
+        for key in ("dataset_sources", "kernel_sources"):
+            meta[key] = [f"{owner}/{s.split('/', 1)[1]}" for s in meta.get(key, [])]
     meta["code_file"] = nb.name
     problems = validate_kernel_metadata(meta)
     if problems:
@@ -193,6 +230,9 @@ def add_cli_arguments(parser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--owner", help="your Kaggle user name")
     sub.add_parser("check", help="validate every metadata file under kaggle_datasets/")
+    from mdgen_helpers import kaggle_session
+
+    kaggle_session.add_cli_arguments(sub)
     p = sub.add_parser("env", help="print the environment summary and the inputs found")
     p.add_argument("--input_root", action="append", help="folder(s) to search for inputs (default /kaggle/input)")
 
@@ -206,10 +246,15 @@ def cli_main(args) -> int:
         out = build_kernel(args.notebook, args.out, args.owner)
         print(f"kernel folder ready in {out}\npush: kaggle kernels push -p {out}")
     elif args.kaggle_command == "check":
-        bad = {k: v for k, v in check_all_metadata().items() if v}
-        for name, problems in check_all_metadata().items():
+        results = check_all_metadata()
+        bad = {k: v for k, v in results.items() if v}
+        for name, problems in results.items():
             print(f"{'FAIL' if problems else 'ok  '} {name}" + "".join(f"\n     - {p}" for p in problems))
         return 1 if bad else 0
+    elif args.kaggle_command == "emulate":
+        from mdgen_helpers import kaggle_session
+
+        return kaggle_session.cli_main(args)
     elif args.kaggle_command == "env":
         print(env.summary())
         for kind, paths in env.find_inputs(args.input_root).items():

@@ -359,7 +359,8 @@ def extract_latents(data_dir, split, tokenizer, out_dir, batch_size: int = 32, n
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_dir", required=True, help="data set root with ID_k/ folders")
-    parser.add_argument("--split", required=True, help="persisted split.json (from `python -m mdgen_helpers split`)")
+    parser.add_argument("--split", help="persisted split.json (from `python -m mdgen_helpers split`); default: "
+                        "DATA_DIR/split.json, made there (seed 0, 70/15/15) when it does not exist yet")
     parser.add_argument("--output_path", required=True, help="output directory, e.g. WORK/latents")
     parser.add_argument("--vavae_path", help="VA-VAE checkpoint (.pt or safetensors copy)")
     parser.add_argument("--tokenizer", help="any tokenizer file, e.g. the stand-in WORK/tokenizer.safetensors")
@@ -375,7 +376,16 @@ def cli_main(args) -> int:
         raise MdgenError("give exactly one of --vavae_path (VA-VAE checkpoint) or --tokenizer (e.g. the stand-in file)")
     state = PartialState()
     tokenizer = load_tokenizer(paths[0], device=state.device)
-    split = data.load_split(args.split)
+    split_path = Path(args.split) if args.split else Path(args.data_dir) / "split.json"
+    if not args.split and state.is_main_process:
+        try:
+            data.ensure_split(args.data_dir, split_path)
+        except OSError as e:
+            raise MdgenError(f"cannot write {split_path} ({e.strerror}); make one elsewhere with "
+                             "`python -m mdgen_helpers split --out W/split.json` and pass --split") from None
+        print(f"split: {split_path}")
+    state.wait_for_everyone()
+    split = data.load_split(split_path)
     status = extract_latents(args.data_dir, split, tokenizer, args.output_path, batch_size=args.batch_size,
                              num_workers=args.num_workers, state=state, progress=not args.no_progress)
     if state.is_main_process:

@@ -67,6 +67,13 @@ def _read_result(out: Path) -> dict:
     return read_json(p)
 
 
+def launcher_refused(error: BaseException) -> bool:
+    """Whether notebook_launcher failed because of CUDA state in the parent (then the subprocess works):
+    'CUDA has been initialized', or the forked workers' 'CUDA error: initialization error'."""
+    text = str(error).lower()
+    return any(s in text for s in ("initialized", "initialised", "initialization error"))
+
+
 def launch_training(cfg: TrainConfig, num_processes: int | None = None) -> dict:
     """Train from a notebook on `num_processes` GPUs (default: cfg.devices), choosing how:
 
@@ -93,8 +100,8 @@ def launch_training(cfg: TrainConfig, num_processes: int | None = None) -> dict:
         try:
             notebook_launcher(train, (cfg,), num_processes=n)
             return _read_result(Path(cfg.output_dir))
-        except (RuntimeError, ValueError) as e:
-            if "initialized" not in str(e).lower() and "initialised" not in str(e).lower():
+        except Exception as e:
+            if not launcher_refused(e):
                 raise
             print(f"launch_training: notebook_launcher refused ({str(e)[:200]}); falling back to a subprocess")
     out = Path(cfg.output_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from IPython.display import Image
 
-from mdgen_helpers import checkpoints, data, dit, env, pipeline
+from mdgen_helpers import checkpoints, data, dit, env, inputs, pipeline
 from mdgen_helpers.errors import MdgenError
 from mdgen_helpers.files import read_json
 from mdgen_helpers.generate import Generator, check_tokenizer, load_generator, read_png
@@ -43,11 +43,12 @@ def open_run(profile: str, work_dir: str, data_dir: str = "", vavae_path: str = 
 
 def load_for_sampling(paths: RunPaths, profile: Profile, vavae_path: str | None = None,
                       device: str | None = None) -> tuple[Generator, Tokenizer, Path]:
-    """The trained generator of WORK/run and the tokenizer that made its latents (checked to be
-    the same one), both on `device` (default: CUDA when present); and the tokenizer's file."""
+    """The trained generator of WORK/run (or notebook 02's attached output) and the tokenizer that
+    made its latents (here, or notebook 01's attached output; checked to be the same one), both on
+    `device` (default: CUDA when present); and the tokenizer's file."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gen = load_generator(paths.run, device=device)
-    tok_file = pipeline.tokenizer_path(paths, profile, vavae_path)
+    gen = load_generator(inputs.locate("run", paths), device=device)
+    tok_file = inputs.locate_tokenizer(paths, profile, vavae_path)
     tok = load_tokenizer(tok_file, device=device)
     check_tokenizer(gen, tok)
     return gen, tok, tok_file
@@ -78,14 +79,8 @@ def generated_by_user(generated_dir, per_user: int = 4, user_ids=None) -> dict[i
 
 
 def find_latents(paths: RunPaths) -> Path:
-    """WORK/latents if notebook 01 ran here, else an attached `mdgen-latents` dataset."""
-    if (paths.latents / "stats.safetensors").is_file():
-        return paths.latents
-    found = env.find_inputs()["latents"] if env.on_kaggle() else []
-    if found:
-        return found[0]
-    raise MdgenError(f"no latents in {paths.latents}: run notebook 01 (or `python -m mdgen_helpers extract`) first, "
-                     "or on Kaggle attach the dataset made from notebook 01's output (mdgen-latents)")
+    """WORK/latents if notebook 01 ran here, else notebook 01's attached output (by marker)."""
+    return inputs.locate("latents", paths)
 
 
 def find_tokenizer(paths: RunPaths, profile: Profile, vavae_path: str | None = None) -> Path | None:

@@ -6,7 +6,7 @@ notebooks and for `python -m mdgen_helpers pipeline`.
 
 A work folder (`RunPaths`) holds every artifact of one run:
 
-    WORK/data/                  simulated data set (only when no --data_dir is given)
+    WORK/data/                  simulated data set (only when asked: --simulate / SIMULATE)
     WORK/split.json             the one persisted split (+ validation.json)
     WORK/tokenizer.safetensors  the fitted stand-in tokenizer (when no VA-VAE is given)
     WORK/latents/               {train,val,test,stats}.safetensors
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from mdgen_helpers import data, env, latents, simulate, tokenizers, vavae
+from mdgen_helpers import data, env, inputs, latents, tokenizers, vavae
 from mdgen_helpers import evaluate as evaluation
 from mdgen_helpers import generate as gen_mod
 from mdgen_helpers.errors import MdgenError
@@ -37,6 +37,7 @@ from mdgen_helpers.launch import launch_training
 from mdgen_helpers.profiles import Profile, get_profile
 from mdgen_helpers.report import format_table, headline_table
 from mdgen_helpers.settings import EvalConfig, SamplingSettings, TrainConfig, add_arguments, apply, given
+from mdgen_helpers.simulate import simulate_dataset
 
 
 @dataclass(frozen=True)
@@ -65,26 +66,27 @@ class RunPaths:
 # --------------------------------------------------------------------------------------------
 
 def resolve_inputs(data_dir: str | None = None, vavae_path: str | None = None) -> tuple[str | None, str | None]:
-    """Explicit paths win; on Kaggle, empty ones are filled from the attached datasets."""
+    """Explicit paths win; on Kaggle, an empty VA-VAE path is filled from the attached datasets.
+    The data set is resolved by `ensure_data` (explicit, the one attached, or simulated when asked)."""
     data_dir = data_dir or None
     vavae_path = vavae_path or None
-    if env.on_kaggle() and (data_dir is None or vavae_path is None):
+    if env.on_kaggle() and vavae_path is None:
         found = env.find_inputs()
-        if data_dir is None and found["data"]:
-            data_dir = str(found["data"][0])
-        if vavae_path is None and found["vavae"]:
+        if found["vavae"]:
             vavae_path = str(found["vavae"][0])
     return data_dir, vavae_path
 
 
-def ensure_data(paths: RunPaths, profile: Profile, data_dir: str | None = None, progress: bool = True) -> Path:
-    """The data folder: `data_dir` if given, else a simulated set in WORK/data (reused when its
-    users.json says it was made with the same settings)."""
-    if data_dir:
-        data_dir = Path(data_dir)
-        if not data_dir.is_dir():
-            raise MdgenError(f"data folder {data_dir} does not exist; pass the folder that holds ID_1, ID_2, ...")
-        return data_dir
+def ensure_data(paths: RunPaths, profile: Profile, data_dir: str | None = None, progress: bool = True,
+                simulate: bool = False) -> Path:
+    """The data folder: `data_dir` if given, else the one attached data set, else (only with
+    `simulate=True`) a simulated set in WORK/data, reused when its users.json says it was made
+    with the same settings. No data and no `simulate` is an error listing what was searched."""
+    found = inputs.find_data(data_dir)
+    if found is not None:
+        return found
+    if not simulate:
+        raise inputs.no_data_error()
     users_json = paths.data / "users.json"
     wanted = {"num_users": profile.sim_users, "per_user": profile.sim_per_user, "seed": profile.sim_seed}
     if users_json.is_file():
@@ -94,7 +96,7 @@ def ensure_data(paths: RunPaths, profile: Profile, data_dir: str | None = None, 
             return paths.data
         raise MdgenError(f"{paths.data} holds a simulated set made with other settings "
                          f"({ {k: have.get(k) for k in wanted} }, wanted {wanted}); use another work folder or delete it")
-    simulate.simulate_dataset(paths.data, profile.sim_users, profile.sim_per_user, seed=profile.sim_seed, progress=progress)
+    simulate_dataset(paths.data, profile.sim_users, profile.sim_per_user, seed=profile.sim_seed, progress=progress)
     return paths.data
 
 
@@ -154,19 +156,27 @@ def extract(paths: RunPaths, profile: Profile, data_dir, split, tokenizer, progr
 # --------------------------------------------------------------------------------------------
 
 def train_config(paths: RunPaths, profile: Profile, tokenizer_file: str | Path | None = None, **overrides) -> TrainConfig:
-    """The profile's TrainConfig with this run's folders filled in (overrides, by field name, win)."""
+    """The profile's TrainConfig with this run's folders filled in (overrides, by field name, win);
+    its time budget counts from the session start. Without a tokenizer, previews are off (said once)."""
     run = dataclasses.replace(profile.train, latent_dir=str(paths.latents), output_dir=str(paths.run),
-                              tokenizer=str(tokenizer_file) if tokenizer_file else None, resume=True)
-    return apply(run, overrides)
+                              tokenizer=str(tokenizer_file) if tokenizer_file else None, resume=True,
+                              session_start=env.session_start())
+    cfg = apply(run, overrides)
+    if cfg.preview_every and not cfg.tokenizer:
+        print(f"previews off: no tokenizer here to decode them (preview_every {cfg.preview_every} ignored; "
+              "attach the VA-VAE and set VAVAE_PATH to get preview grids)")
+        cfg = dataclasses.replace(cfg, preview_every=0)
+    return cfg
 
 
 def generate(paths: RunPaths, profile: Profile, tokenizer_file, user_ids=None, num_samples_per_user=None,
              export_dataset: bool = True, device: str | None = None, progress: bool = True,
-             sampling: SamplingSettings | None = None) -> dict:
-    """Generate per-user images into WORK/generated with `sampling` (default: the profile's);
-    skipped when its manifest already records the same checkpoint, tokenizer and settings."""
+             sampling: SamplingSettings | None = None, run_dir=None) -> dict:
+    """Generate per-user images into WORK/generated with `sampling` (default: the profile's) from
+    WORK/run (or `run_dir`, e.g. notebook 02's attached output); skipped when its manifest already
+    records the same checkpoint, tokenizer and settings."""
     device = device or ("cuda" if _cuda() else "cpu")
-    gen = gen_mod.load_generator(paths.run, device=device)
+    gen = gen_mod.load_generator(run_dir or paths.run, device=device)
     settings = sampling or profile.sampling
     n = int(num_samples_per_user or profile.num_samples_per_user)
     users = list(user_ids) if user_ids else list(gen.user_map.user_ids)
@@ -191,13 +201,13 @@ def _cuda() -> bool:
 
 def run_pipeline(profile: Profile, output_dir: str | Path, data_dir: str | None = None, vavae_path: str | None = None,
                  few_shot: int | None = None, user_ids=None, num_samples_per_user: int | None = None,
-                 evaluate: bool = False, train_overrides: dict | None = None) -> dict:
-    """simulate (if needed) -> split -> tokenizer -> extract -> train -> generate [-> evaluate]."""
+                 evaluate: bool = False, train_overrides: dict | None = None, simulate: bool = False) -> dict:
+    """[simulate, only when asked] -> split -> tokenizer -> extract -> train -> generate [-> evaluate]."""
     base = RunPaths(output_dir)
     paths = base.few_shot(few_shot) if few_shot else base
     data_dir, vavae_path = resolve_inputs(data_dir, vavae_path)
     print(f"[pipeline] work folder {paths.root} (profile {profile.name})", flush=True)
-    data_dir = ensure_data(base, profile, data_dir)
+    data_dir = ensure_data(base, profile, data_dir, simulate=simulate)
     split = prepare_split(paths, profile, data_dir, few_shot=few_shot, full_split_path=base.split)
     sizes = ", ".join(f"{len(split.files(part))} {part}" for part in ("train", "val", "test"))
     print(f"[pipeline] split {split.hash[:12]}: {split.user_map.num_users} users, {sizes}", flush=True)
@@ -242,9 +252,12 @@ _ALIASES = {"train.batch_size": ["--batch_size"], "train.max_epochs": ["--max_ep
 
 
 def add_cli_arguments(parser) -> None:
-    parser.add_argument("--profile", default=os.environ.get("MDGEN_PROFILE", "cpu-demo"),
-                        help="cpu-smoke, cpu-demo (default) or kaggle-t4x2: every default below comes from it")
-    parser.add_argument("--data_dir", help="ID_1..ID_N folders (default: simulate the profile's users)")
+    parser.add_argument("--profile", default=os.environ.get("MDGEN_PROFILE"),
+                        help="cpu-smoke, cpu-demo or kaggle-t4x2 (default: kaggle-t4x2 on a GPU machine, cpu-demo "
+                             "without one): every default below comes from it")
+    parser.add_argument("--data_dir", help="ID_1..ID_N folders (required unless --simulate)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="no data set: simulate the profile's users in OUTPUT_DIR/data (only when asked)")
     parser.add_argument("--vavae_path", help="VA-VAE checkpoint (default: the profile's tokenizer)")
     parser.add_argument("--output_dir", required=True, help="work folder for every artifact of the run")
     parser.add_argument("--generate_user_ids", type=int, nargs="*", help="1-based user ids (default: all)")
@@ -255,10 +268,27 @@ def add_cli_arguments(parser) -> None:
     add_arguments(group, Profile, nested=True, skip=_PIPELINE_SET, aliases=_ALIASES)
 
 
+def cli_profile(args) -> Profile:
+    """The profile the command line asks for: named, or picked from the hardware (said once); an
+    explicit --max_epochs without --max_steps is never capped by the profile's max_steps."""
+    name = args.profile
+    if not name:
+        name = env.default_profile_name()
+        print(f"[pipeline] profile {name} (picked from the hardware: "
+              f"{'a CUDA GPU' if name != 'cpu-demo' else 'no CUDA GPU'}; --profile to choose)", flush=True)
+    overrides = given(args, Profile, nested=True, skip=_PIPELINE_SET)
+    if "train.max_epochs" in overrides and "train.max_steps" not in overrides:
+        overrides["train.max_steps"] = None
+        print(f"[pipeline] --max_epochs {overrides['train.max_epochs']} without --max_steps: the profile's step cap is lifted")
+    return get_profile(name, **overrides)
+
+
 def cli_main(args) -> int:
-    profile = get_profile(args.profile, **given(args, Profile, nested=True, skip=_PIPELINE_SET))
+    if not args.data_dir and not args.simulate:
+        raise MdgenError("pass --data_dir (your ID_1..ID_N folders) or --simulate for simulated users")
+    profile = cli_profile(args)
     result = run_pipeline(profile, args.output_dir, args.data_dir, args.vavae_path, few_shot=args.few_shot,
-                          user_ids=args.generate_user_ids, evaluate=args.evaluate)
+                          user_ids=args.generate_user_ids, evaluate=args.evaluate, simulate=args.simulate)
     print(f"[pipeline] done: {result['num_images']} images in {result['generated']}")
     return 0
 

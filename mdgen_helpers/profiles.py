@@ -33,7 +33,7 @@ from mdgen_helpers.errors import MdgenError
 from mdgen_helpers.settings import EvalConfig, SamplingSettings, TrainConfig, apply, env_overrides
 
 # MDGEN_* variables that are notebook parameters, not profile fields.
-NOTEBOOK_VARIABLES = ("PROFILE", "WORK_DIR", "DATA_DIR", "VAVAE_PATH", "RESUME_FROM", "INIT_FROM")
+NOTEBOOK_VARIABLES = ("PROFILE", "WORK_DIR", "DATA_DIR", "VAVAE_PATH", "SIMULATE", "RESUME_FROM", "INIT_FROM")
 
 
 @dataclass

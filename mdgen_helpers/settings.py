@@ -89,6 +89,8 @@ class TrainConfig:
         "continue from the newest complete checkpoint in --output_dir (or from the given folder)"))
     init_from: str | None = field(default=None, metadata=_help("official LightningDiT weights or one of our runs"))
     time_budget: float | None = field(default=None, metadata=_help("hours this session may run (e.g. 11.5 on Kaggle)"))
+    session_start: float | None = field(default=None, metadata=_help(
+        "epoch seconds the session began; the time budget counts from it (default: when training starts)"))
     tokenizer: str | None = field(default=None, metadata=_help("tokenizer file (for decoding previews)"))
     preview_users: int = 8
     preview_per_user: int = 4

@@ -395,6 +395,15 @@ def _check_config(cfg: TrainConfig) -> None:
             raise TrainConfigError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
 
 
+def progress_interval() -> float:
+    """Seconds between progress-bar refreshes: live in a terminal or a notebook, but one line a minute
+    when stderr is a pipe (an `accelerate launch` subprocess echoed into a notebook, a CI log), where
+    every refresh becomes a new line (a 40k-step run would otherwise write tens of thousands)."""
+    if sys.stderr.isatty() or "ipykernel" in sys.modules:
+        return 0.5
+    return 60.0
+
+
 def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Train and return a summary dict (also written to RUN/result.json).
 
@@ -483,7 +492,8 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
     window = {"loss": 0.0, "n": 0, "t0": time.time(), "samples": 0, "grad_norm": float("nan")}
     last_val = None
     losses: list[float] = []
-    bar = tqdm(total=max_steps, initial=step, disable=not (main and cfg.progress), desc="train", dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=step, disable=not (main and cfg.progress), desc="train", dynamic_ncols=True,
+               mininterval=progress_interval())
 
     def print_main(*a):  # is_main_process, not accelerate's local-main print
         if main:
@@ -595,7 +605,8 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
         # the first checkpoint, assumed 10 s before). Any rank's clock can call it; the sum makes all agree.
         if cfg.time_budget is not None:
             est_save = save_time if save_time is not None else 10.0
-            late = step < max_steps and time.time() - t_session + step_time + est_save > cfg.time_budget * 3600
+            elapsed = time.time() - (cfg.session_start or t_session)  # Kaggle's clock runs from the session start
+            late = step < max_steps and elapsed + step_time + est_save > cfg.time_budget * 3600
             if float(accelerator.reduce(torch.tensor([float(late)], device=device), "sum")) > 0:
                 stop_reason = "time_budget"
 

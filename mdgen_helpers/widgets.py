@@ -153,7 +153,11 @@ def guidance_explorer(gen: Generator, tokenizer, user_ids: Sequence[int] | None 
             status.value = "choose at least one user"
             return None
         status.value = "rendering..."
-        fig = cache.get(**settings)
+        try:
+            fig = cache.get(**settings)
+        except Exception as e:  # an observer's exception is otherwise swallowed: show it where the user looks
+            status.value = f"error: {type(e).__name__}: {e}"
+            return None
         status.value = f"cached settings: {len(cache)} (hits {cache.hits}, renders {cache.misses})"
         # Set the Output widget's content directly rather than capturing `display` inside
         # `with output:`: the capture path made headless nbclient runs wait until their cell

@@ -24,12 +24,14 @@ def test_every_metadata_file_is_valid():
         ({"title": "x" * 51}, "title"),
         ({"id": "noslash"}, "owner/slug"),
         ({"id": "me/ab"}, "slug"),
-        ({"licenses": [{"name": "MIT"}, {"name": "CC0-1.0"}]}, "exactly one"),
+        ({"licenses": [{"name": "other"}, {"name": "CC0-1.0"}]}, "exactly one"),
         ({"licenses": [{"name": "WTFPL"}]}, "unknown licence"),
+        ({"licenses": [{"name": "MIT"}]}, "unknown licence"),          # not in Kaggle's list
+        ({"licenses": [{"name": "Apache 2.0"}]}, "unknown licence"),   # Kaggle spells it apache-2.0
     ],
 )
 def test_dataset_metadata_rules(patch, needle):
-    meta = {"title": "A fine title", "id": "me/fine-slug", "licenses": [{"name": "MIT"}]}
+    meta = {"title": "A fine title", "id": "me/fine-slug", "licenses": [{"name": "apache-2.0"}]}
     assert kaggle.validate_dataset_metadata(meta) == []
     meta.update(patch)
     problems = kaggle.validate_dataset_metadata(meta)
@@ -54,6 +56,26 @@ def test_kernel_folder_is_push_ready(tmp_path):
     meta = json.loads((out / "kernel-metadata.json").read_text())
     assert (out / meta["code_file"]).is_file()
     assert meta["id"].startswith("alice/") and all(s.startswith("alice/") for s in meta["dataset_sources"])
+    assert meta["kernel_sources"] == ["alice/mdgen-01-extract-latents"]  # chained to notebook 01's output
+
+
+def test_kernel_titles_slugify_to_their_ids():
+    assert kaggle.slugify("mdgen 02 - train LightningDiT") == "mdgen-02-train-lightningdit"
+    for name in ("01_extract_latents", "02_train_dit", "03_generate", "04_evaluate"):
+        meta = kaggle.read_json(kaggle.METADATA_DIR / "kernels" / name / "kernel-metadata.json")
+        assert kaggle.slugify(meta["title"]) == meta["id"].split("/", 1)[1]
+    bad = dict(meta, title="mdgen 04 - evaluate generated spectrograms")
+    assert any("slugifies to" in p for p in kaggle.validate_kernel_metadata(bad))
+
+
+def test_builders_outside_a_checkout_say_so(monkeypatch, tmp_path):
+    """Run from an installed wheel, REPO_ROOT is site-packages: a clear error, not a copy of it."""
+    monkeypatch.setattr(kaggle, "REPO_ROOT", tmp_path)
+    for call in (lambda: kaggle.build_bundle(tmp_path / "b"), lambda: kaggle.find_notebook("02"),
+                 kaggle.check_all_metadata):
+        with pytest.raises(kaggle.MdgenError, match="repository checkout"):
+            call()
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
@@ -125,7 +147,20 @@ def test_launcher_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert env.notebook_launcher_status(2)[0] == "subprocess"
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    monkeypatch.setattr(env, "KAGGLE_WORKING", Path("/nonexistent/kaggle/working"))
     assert env.notebook_launcher_status(2)[0] == "notebook_launcher"
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")  # on Kaggle: the subprocess, whatever the versions
+    kind, reason = env.notebook_launcher_status(2)
+    assert kind == "subprocess" and "Kaggle" in reason and "initialization error" in reason
+
+
+def test_launcher_fallback_recognises_cuda_initialization_errors():
+    from mdgen_helpers.launch import launcher_refused
+
+    assert launcher_refused(RuntimeError("CUDA error: initialization error"))
+    assert launcher_refused(ValueError("CUDA has been initialized before the `notebook_launcher` could create a forked subprocess"))
+    assert not launcher_refused(RuntimeError("CUDA out of memory"))
 
 
 def test_working_space_warning(tmp_path):

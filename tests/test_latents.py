@@ -185,6 +185,23 @@ def test_cli_extract_in_process(setup, tmp_path, capsys):
     assert "exactly one" in capsys.readouterr().err
 
 
+def test_cli_extract_without_split_makes_or_reuses_data_split(setup, tmp_path, capsys):
+    """The README's stage-1 command (no --split) works verbatim: DATA/split.json is made, then reused."""
+    from mdgen_helpers.cli import main
+
+    work, root, split, tok, _ = setup
+    data_copy = tmp_path / "data"
+    shutil.copytree(root, data_copy, ignore=shutil.ignore_patterns("split.json", "validation.json"))
+    cmd = ["extract", "--data_dir", str(data_copy), "--vavae_path", str(work / "tokenizer.safetensors"),
+           "--output_path", str(tmp_path / "lat"), "--batch_size", "8", "--num_workers", "0", "--no_progress"]
+    assert main(cmd) == 0
+    made = data.load_split(data_copy / "split.json")
+    assert "train written" in capsys.readouterr().out
+    assert main(cmd) == 0
+    assert "train skipped" in capsys.readouterr().out
+    assert data.load_split(data_copy / "split.json").hash == made.hash
+
+
 def test_two_process_gloo_extraction_matches_single_process(setup, tmp_path):
     """A real `accelerate launch --num_processes 2 --cpu` run (gloo): shards are gathered in order."""
     if shutil.which("accelerate") is None:

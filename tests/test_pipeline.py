@@ -12,7 +12,7 @@ def smoke(tmp_path_factory):
     """A full cpu-smoke pipeline run (simulate, split, random VA-VAE, extract, train, generate)."""
     profile = get_profile("cpu-smoke")
     root = tmp_path_factory.mktemp("pipe")
-    first = pipeline.run_pipeline(profile, root)
+    first = pipeline.run_pipeline(profile, root, simulate=True)
     return profile, root, first
 
 
@@ -33,7 +33,7 @@ def test_rerun_skips_finished_stages(smoke):
     paths = pipeline.RunPaths(root)
     ema_before = (paths.run / "ema.safetensors").stat().st_mtime_ns
     manifest_before = (paths.generated / "manifest.json").read_bytes()
-    again = pipeline.run_pipeline(profile, root)
+    again = pipeline.run_pipeline(profile, root, simulate=True)
     assert set(again["latents"].values()) == {"skipped"}
     assert again["train"]["step"] == profile.train.max_steps
     assert (paths.run / "ema.safetensors").stat().st_mtime_ns == ema_before  # no training step was taken
@@ -45,7 +45,7 @@ def test_few_shot_regime_sees_only_its_subset(smoke):
 
     profile, root, _ = smoke
     k = 2
-    out = pipeline.run_pipeline(profile, root, few_shot=k)
+    out = pipeline.run_pipeline(profile, root, few_shot=k, simulate=True)
     base, regime = pipeline.RunPaths(root), pipeline.RunPaths(root).few_shot(k)
     assert out["work_dir"] == str(regime.root)
     full, sub = data.load_split(base.split), data.load_split(regime.split)
@@ -78,3 +78,83 @@ def test_few_shot_evaluation_draws_the_subset_with_the_split_seed(smoke, tmp_pat
     redrawn = evaluate.few_shot_split(full, k, cfg.few_shot_seed)  # what evaluate() does per regime
     assert redrawn.hash == sub.hash
     evaluate.check_generator_split({"split_hash": sub.hash}, redrawn.hash, f"few_shot_{k}")  # no LeakageError
+
+
+def test_previews_off_without_a_tokenizer_said_once(tmp_path, capsys):
+    """Notebook 02 on Kaggle attaches no VA-VAE: the kaggle-t4x2 profile's previews are turned off, not an error."""
+    cfg = pipeline.train_config(pipeline.RunPaths(tmp_path), get_profile("kaggle-t4x2"), None)
+    assert cfg.preview_every == 0 and cfg.session_start is not None
+    assert capsys.readouterr().out.count("previews off") == 1
+
+
+def test_no_data_is_an_error_unless_simulation_is_asked_for(tmp_path, monkeypatch):
+    from mdgen_helpers.errors import DataError
+
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    with pytest.raises(DataError, match="no data set.*SIMULATE"):
+        pipeline.ensure_data(pipeline.RunPaths(tmp_path), get_profile("cpu-smoke"), None)
+    assert not (tmp_path / "data").exists()
+
+
+def test_attached_data_sets_are_found_by_marker(tmp_path):
+    """ID_01-style names and a data set one level deeper are found; two candidates are an error listing both."""
+    from mdgen_helpers import inputs
+    from mdgen_helpers.errors import DataError
+
+    root = tmp_path / "input"
+    (root / "micro-doppler-data" / "spectrograms" / "ID_01").mkdir(parents=True)
+    (root / "micro-doppler-data" / "spectrograms" / "ID_02").mkdir()
+    assert inputs.find_data(None, [root]) == root / "micro-doppler-data" / "spectrograms"
+    (root / "other" / "ID_1").mkdir(parents=True)
+    with pytest.raises(DataError, match="several attached data sets") as e:
+        inputs.find_data(None, [root])
+    assert "spectrograms" in str(e.value) and "other" in str(e.value)
+    assert inputs.find_data(None, [tmp_path / "empty"]) is None
+
+
+def test_upstream_artifacts_are_located_or_named(tmp_path):
+    from mdgen_helpers import inputs
+
+    root = tmp_path / "input"
+    paths = pipeline.RunPaths(tmp_path / "work")
+    with pytest.raises(inputs.MissingInputError, match="notebook 02 .02_train_dit.") as e:
+        inputs.locate("run", paths, [root])
+    assert str(paths.run) in str(e.value)
+    run = root / "notebooks" / "me" / "mdgen-02-train-dit" / "mdgen" / "run"
+    run.mkdir(parents=True)
+    (run / "ema.safetensors").write_bytes(b"x")
+    assert inputs.locate("run", paths, [root]) == run
+    gen = root / "mdgen-03-generate" / "mdgen" / "generated"
+    (gen / "dataset" / "ID_1").mkdir(parents=True)  # its copy in the data layout is not a data set
+    (gen / "manifest.json").write_text("{}")
+    assert inputs.locate("generated", paths, [root]) == gen
+    assert inputs.find_data(None, [root]) is None
+    data = root / "micro-doppler-data"
+    (data / "ID_1").mkdir(parents=True)
+    (data / "split.json").write_text("{}")  # the CLI's DATA/split.json is not notebook 01's split
+    split = root / "mdgen-01-extract-latents" / "mdgen" / "split.json"
+    split.parent.mkdir(parents=True)
+    split.write_text("{}")
+    assert inputs.locate("split", paths, [root]) == split
+
+
+def test_pipeline_cli_profile_from_hardware_and_explicit_epochs(monkeypatch, capsys):
+    """No --profile: picked from the hardware and said; --max_epochs alone is not capped by the profile's max_steps."""
+    import argparse
+
+    from mdgen_helpers import env
+    from mdgen_helpers.cli import main
+
+    monkeypatch.delenv("MDGEN_PROFILE", raising=False)
+    parser = argparse.ArgumentParser()
+    pipeline.add_cli_arguments(parser)
+    monkeypatch.setattr(env, "default_profile_name", lambda info=None: "kaggle-t4x2")
+    prof = pipeline.cli_profile(parser.parse_args(["--output_dir", "w", "--max_epochs", "50"]))
+    assert prof.name == "kaggle-t4x2" and prof.train.max_epochs == 50 and prof.train.max_steps is None
+    out = capsys.readouterr().out
+    assert "picked from the hardware" in out and "step cap is lifted" in out
+    prof = pipeline.cli_profile(parser.parse_args(["--output_dir", "w", "--profile", "cpu-demo", "--max_epochs", "5",
+                                                   "--max_steps", "100"]))
+    assert prof.name == "cpu-demo" and (prof.train.max_epochs, prof.train.max_steps) == (5, 100)
+    assert main(["pipeline", "--output_dir", "w"]) == 2  # no --data_dir and no --simulate
+    assert "--simulate" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def test_pipeline_flags_reach_the_nested_profile(monkeypatch):
     seen = {}
     monkeypatch.setattr(pipeline, "run_pipeline", lambda profile, *a, **k: seen.setdefault("p", profile) and
                         {"num_images": 0, "generated": ""})
-    argv = ["pipeline", "--profile", "cpu-smoke", "--output_dir", "o", "--lr", "0.5", "--train.warmup_steps", "7",
+    argv = ["pipeline", "--profile", "cpu-smoke", "--output_dir", "o", "--simulate", "--lr", "0.5", "--train.warmup_steps", "7",
             "--num_steps", "3", "--sampling.solver", "heun", "--eval.epochs", "4", "--sim_users", "5"]
     assert cli.main(argv) == 0
     p = seen["p"]

@@ -158,6 +158,26 @@ def test_time_budget_stops_with_a_checkpoint_and_resumes(ldir, tmp_path):
     assert res2["step"] == 5 and res2["stopped"] == "max_steps"
 
 
+def test_time_budget_counts_from_the_session_start(ldir, tmp_path):
+    """Kaggle's 12 hours run from the session start: a session already 1 h old has no room in a 0.5 h budget."""
+    import time
+
+    res = train(cfg_for(ldir, tmp_path / "run", max_steps=5, time_budget=0.5, session_start=time.time() - 3600))
+    assert res["stopped"] == "time_budget" and res["step"] == 1
+
+
+def test_progress_bar_refreshes_once_a_minute_into_a_pipe(monkeypatch):
+    """A subprocess echoed into a notebook gets one progress line a minute, not one per refresh."""
+    import io as stdio
+    import sys
+
+    from mdgen_helpers.train import progress_interval
+
+    monkeypatch.setattr(sys, "stderr", stdio.StringIO())
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert progress_interval() == 60.0
+
+
 def test_non_finite_step_is_skipped_and_counted(ldir, tmp_path):
     out = tmp_path / "run"
 

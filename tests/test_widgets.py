@@ -93,3 +93,18 @@ def test_explorer_builds_widgets_and_renders_on_change(env):
     assert panel.cache.hits == 2 and panel.cache.misses == 2
     c["users"].value = ()
     assert panel.update() is None  # nothing to render, no error
+
+
+def test_explorer_shows_a_failing_render_in_its_status_line(env, monkeypatch):
+    from mdgen_helpers import widgets
+
+    gen, tok = env
+    panel = guidance_explorer(gen, tok, [1], num_samples=1, sampling=SamplingSettings(num_steps=1, solver="euler"))
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(widgets, "render_guidance_grid", broken)
+    panel.controls["seed"].value = 5  # the observer runs the failing render
+    status = panel.children[1]
+    assert status.value == "error: RuntimeError: CUDA out of memory"
