@@ -149,7 +149,9 @@ def test_notebook_chain_as_on_kaggle(tmp_path, bundle_and_data):
     first = json.loads((res.published / "mdgen" / "run" / "result.json").read_text())
     assert first["stopped"] == "time_budget" and 0 < first["step"] < 30
 
-    res = run("02", {**helpers, "mdgen-02-train-dit": out / "mdgen-02-train-dit"}, name="02 resume")
+    # resuming from an attached run is an explicit choice (RESUME_FROM), never automatic
+    res = run("02", {**helpers, "mdgen-02-train-dit": out / "mdgen-02-train-dit"},
+              {**PARAMS, "MDGEN_RESUME_FROM": "/kaggle/input/mdgen-02-train-dit/mdgen/run"}, name="02 resume")
     assert res.ok, res.log
     second = json.loads((res.published / "mdgen" / "run" / "result.json").read_text())
     assert second["stopped"] == "max_steps" and second["step"] == 30
