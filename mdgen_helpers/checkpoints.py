@@ -86,26 +86,36 @@ def finish_step_folder(tmp: Path, final: Path, marker: dict) -> Path:
     return final
 
 
+def _ema_export_of(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and metadata that RUN/ema.safetensors holds when it is checkpoint `ckpt`'s export."""
+    marker = read_marker(ckpt)
+    meta = {k: marker[k] for k in ("model_config", "tokenizer", "split_hash", "user_map", "latent_mean",
+                                   "latent_std", "step", "train_config", "init", "format") if k in marker}
+    weights = {k[len("module."):]: v for k, v in read_ema_state(ckpt).items() if k.startswith("module.")}
+    return weights, {**meta, "ema_state_sha256": sha256_file(ckpt / EMA_STATE)}
+
+
+def _export_is_current(ckpt: Path, export_meta: dict[str, Any]) -> bool:
+    return (export_meta.get("ema_state_sha256") == sha256_file(ckpt / EMA_STATE)
+            and export_meta.get("step") == read_marker(ckpt).get("step"))
+
+
 def export_ema(ckpt: Path, run_dir) -> bool:
     """Write RUN/ema.safetensors + config.json from checkpoint `ckpt` unless they already hold
     exactly its EMA (same step and sha256 of its EMA state): the export is part of the checkpoint
     transaction, redone by the next save or resume after a kill. Returns whether it wrote."""
     if not (ckpt / EMA_STATE).is_file():  # a checkpoint from before EMA_STATE: its export is its own
         return False
-    marker = read_marker(ckpt)
-    source = sha256_file(ckpt / EMA_STATE)
     export = Path(run_dir) / EMA_NAME
     if export.is_file():
         try:
             have = load_safetensors_metadata(export)
         except Exception:  # noqa: BLE001 - a damaged export is simply rewritten
             have = {}
-        if have.get("ema_state_sha256") == source and have.get("step") == marker.get("step"):
+        if _export_is_current(ckpt, have):
             return False
-    meta = {k: marker[k] for k in ("model_config", "tokenizer", "split_hash", "user_map", "latent_mean",
-                                   "latent_std", "step", "train_config", "init", "format") if k in marker}
-    weights = {k[len("module."):]: v for k, v in load_file(str(ckpt / EMA_STATE)).items() if k.startswith("module.")}
-    write_ema(run_dir, weights, {**meta, "ema_state_sha256": source})
+    weights, meta = _ema_export_of(ckpt)
+    write_ema(run_dir, weights, meta)
     return True
 
 
@@ -272,4 +282,11 @@ def read_ema(path) -> EmaFile:
             f"{path} lacks the metadata {missing} that train.py writes into {EMA_NAME}; it is not an "
             f"mdgen EMA checkpoint (official LightningDiT weights need conversion through train.py)."
         )
+    newest = latest_checkpoint(path.parent)
+    if newest is not None and (newest / EMA_STATE).is_file() and not _export_is_current(newest, meta):
+        # A run killed between its last checkpoint and the export (or an attached, read-only run
+        # in that state): sample from the newest complete checkpoint's EMA, never the stale file.
+        print(f"note: {path} (step {meta.get('step')}) is older than the complete checkpoint {newest}; "
+              f"using that checkpoint's EMA (train --resume re-exports it)")
+        state, meta = _ema_export_of(newest)
     return EmaFile(path, state, meta)

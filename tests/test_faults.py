@@ -118,6 +118,28 @@ def test_stale_export_is_redone_when_the_run_is_already_finished(ldir, tmp_path)
     assert files.load_safetensors_metadata(out / "ema.safetensors")["step"] == 2
 
 
+def test_generation_from_a_stale_export_uses_the_newest_checkpoint(ldir, tmp_path, capsys):
+    """Killed after the final rename, before the export, and never resumed (e.g. an attached,
+    read-only run): sampling must use the newest complete checkpoint's EMA, not the older file."""
+    from mdgen_helpers.checkpoints import read_ema
+
+    out = tmp_path / "run"
+    train(cfg_for(ldir, out, max_steps=2, ckpt_every=1))
+    current = read_ema(out)
+    current.state_dict = {k: v.clone() for k, v in current.state_dict.items()}  # loaded tensors map the file
+    assert current.meta["step"] == 2
+    old = tmp_path / "old_export"
+    train(cfg_for(ldir, old, max_steps=1, ckpt_every=1))
+    shutil.copy(old / "ema.safetensors", out / "ema.safetensors")  # an export one step behind
+    capsys.readouterr()
+    ema = read_ema(out)
+    assert "older than the complete checkpoint" in capsys.readouterr().out
+    assert ema.meta["step"] == 2 and ema.meta["ema_state_sha256"] == current.meta["ema_state_sha256"]
+    assert ema.state_dict.keys() == current.state_dict.keys()
+    assert all(torch.equal(ema.state_dict[k], current.state_dict[k]) for k in current.state_dict)
+    assert files.load_safetensors_metadata(out / "ema.safetensors")["step"] == 1  # reading writes nothing
+
+
 def _enospc(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
 
