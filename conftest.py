@@ -15,3 +15,13 @@ def pytest_configure(config):
     os.environ.setdefault("MDGEN_WORK_DIR", tempfile.mkdtemp(prefix="mdgen-nbval-"))
     if not os.environ.get("MDGEN_DATA_DIR"):
         os.environ.setdefault("MDGEN_SIMULATE", "1")  # simulated users only when asked for
+
+
+def pytest_collection_modifyitems(config, items):
+    """nbval waits a hard-coded 5 s for a finished cell's output messages; on a busy 2-core
+    machine a cell that printed figures can take longer to flush them, which failed a CI-like run
+    once ("Timeout of 5 seconds exceeded waiting for output"). The cell's own time limit is
+    --nbval-cell-timeout; this only widens the wait for messages already produced."""
+    for item in items:
+        if hasattr(item, "output_timeout"):
+            item.output_timeout = 60
