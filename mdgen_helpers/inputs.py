@@ -58,6 +58,16 @@ def _searched(roots: list[Path]) -> str:
     return "; ".join(lines)
 
 
+def _single(found: list[Path], label: str, several_hint: str, error=MissingInputError) -> Path | None:
+    """The one attached candidate (printed), or None; several are an error that lists them."""
+    if len(found) > 1:
+        raise error(f"{label}: several attached copies {[str(p) for p in found]}; {several_hint}")
+    if found:
+        print(f"{label}: {found[0]} (attached)")
+        return found[0]
+    return None
+
+
 def locate(kind: str, paths, roots: list[Path] | None = None) -> Path:
     """The folder (or, for the split, the file) of an upstream artifact: WORK first, then the one
     attached copy. Several attached copies, or none, are errors naming them / what was searched."""
@@ -68,12 +78,9 @@ def locate(kind: str, paths, roots: list[Path] | None = None) -> Path:
     if _present(kind, local):
         return local
     roots = input_roots() if roots is None else [Path(r) for r in roots]
-    found = env.find_inputs(roots)[found_kind]
-    if len(found) == 1:
-        print(f"{kind}: {found[0]} (attached)")
-        return found[0]
-    if len(found) > 1:
-        raise MissingInputError(f"{what}: several attached copies {[str(p) for p in found]}; attach only one")
+    found = _single(env.find_inputs(roots)[found_kind], kind, "attach only one")
+    if found is not None:
+        return found
     raise MissingInputError(
         f"{what} not found: looked in {local} and among the attached inputs ({_searched(roots)}). "
         f"It is written by {producer}: run that notebook first, then attach its output "
@@ -89,11 +96,10 @@ def locate_tokenizer(paths, profile, vavae_path: str | None = None, roots: list[
     if vavae_path or path.is_file():
         return path
     roots = input_roots() if roots is None else [Path(r) for r in roots]
-    found = sorted({p for r in roots if r.is_dir() for p in r.rglob(path.name)})
-    if len(found) == 1:
-        return found[0]
-    if len(found) > 1:
-        raise MissingInputError(f"tokenizer {path.name}: several attached copies {[str(p) for p in found]}; set VAVAE_PATH")
+    found = _single(sorted({p for r in roots if r.is_dir() for p in r.rglob(path.name)}), f"tokenizer {path.name}",
+                    "set VAVAE_PATH")
+    if found is not None:
+        return found
     raise MissingInputError(
         f"tokenizer {path.name} not found: looked in {path.parent} and among the attached inputs "
         f"({_searched(roots)}). It is written by notebook 01 (01_extract_latents): attach its output, "
@@ -109,13 +115,7 @@ def find_data(data_dir: str | None = None, roots: list[Path] | None = None) -> P
             raise DataError(f"data folder {path} does not exist; pass the folder that holds ID_1, ID_2, ...")
         return path
     roots = input_roots() if roots is None else [Path(r) for r in roots]
-    found = env.find_inputs(roots)["data"]
-    if len(found) > 1:
-        raise DataError(f"several attached data sets {[str(p) for p in found]}: set DATA_DIR (--data_dir) to one of them")
-    if found:
-        print(f"data: {found[0]} (attached)")
-        return found[0]
-    return None
+    return _single(env.find_inputs(roots)["data"], "data set", "set DATA_DIR (--data_dir) to one of them", DataError)
 
 
 def no_data_error(roots: list[Path] | None = None) -> DataError:

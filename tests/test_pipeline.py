@@ -106,7 +106,7 @@ def test_attached_data_sets_are_found_by_marker(tmp_path):
     (root / "micro-doppler-data" / "spectrograms" / "ID_02").mkdir()
     assert inputs.find_data(None, [root]) == root / "micro-doppler-data" / "spectrograms"
     (root / "other" / "ID_1").mkdir(parents=True)
-    with pytest.raises(DataError, match="several attached data sets") as e:
+    with pytest.raises(DataError, match="data set: several attached copies") as e:
         inputs.find_data(None, [root])
     assert "spectrograms" in str(e.value) and "other" in str(e.value)
     assert inputs.find_data(None, [tmp_path / "empty"]) is None
