@@ -34,30 +34,45 @@ def _cfg(root, d, out, **kw):
     return ev.EvalConfig(**base)
 
 
-def test_calibration_check_passes_on_real_and_noise(sim):
-    root, d = sim
-    result = ev.calibrate(_cfg(root, d, root / "calib"))
-    table = format_calibration(result)
-    assert result["passed"], table
-    got = {(c["run"], c["metric"]) for c in result["checks"]}
-    assert got == {("real", "c2st_accuracy"), ("real", "fd_ratio"), ("real", "recognisability_ratio"),
-                   ("noise", "c2st_accuracy"), ("noise", "fd_ratio"), ("noise", "recognisability_accuracy")}
-    assert json.loads((root / "calib" / "calibration.json").read_text())["passed"] is True
-    real = json.loads((root / "calib" / "calibration_real" / "metrics.json").read_text())
-    assert real["skipped"]["augmentation"].startswith("calibration")
-    assert real["physics"]["step_rate_error_ratio"] > 0  # physics runs on the stand-in set too
-
-
-def test_cli_calibrate_exit_code(sim, capsys):
+def test_calibration_check_passes_on_real_and_noise(sim, capsys):
+    """`evaluate --calibrate` on the command line: exit code 0 and every check passed."""
     from mdgen_helpers.cli import main
 
     root, d = sim
-    rc = main(["evaluate", "--data_dir", str(d), "--split", str(root / "split.json"), "--output_dir",
-               str(root / "calib_cli"), "--calibrate", "--image_size", "32", "--steps", "40", "--batch_size", "16",
-               "--recognisability_sizes", "--c2st_seeds", "0", "1", "--c2st_steps", "20", "--device", "cpu",
-               "--no_figures"])
-    assert rc == 0
+    out = root / "calib"
+    rc = main(["evaluate", "--data_dir", str(d), "--split", str(root / "split.json"), "--output_dir", str(out),
+               "--calibrate", "--image_size", "32", "--epochs", "1", "--steps", "40", "--batch_size", "16",
+               "--min_steps", "0", "--seeds", "0", "--recognisability_sizes", "--c2st_seeds", "0", "1",
+               "--c2st_steps", "20", "--kid_subsets", "10", "--physics_per_user", "2", "--device", "cpu",
+               "--no_figures", "--no_progress"])
+    result = json.loads((out / "calibration.json").read_text())
+    assert rc == 0 and result["passed"], format_calibration(result)
     assert "calibration passed" in capsys.readouterr().out
+    got = {(c["run"], c["metric"]) for c in result["checks"]}
+    assert got == {("real", "c2st_accuracy"), ("real", "fd_ratio"), ("real", "recognisability_ratio"),
+                   ("noise", "c2st_accuracy"), ("noise", "fd_ratio"), ("noise", "recognisability_accuracy")}
+    real = json.loads((out / "calibration_real" / "metrics.json").read_text())
+    assert real["skipped"]["augmentation"].startswith("calibration")
+    assert real["physics"]["step_rate_error_ratio"] > 0  # physics runs on the stand-in set too
+    noise = json.loads((out / "calibration_noise" / "metrics.json").read_text())
+    assert noise["classifier"]["trained_here"] is False  # one classifier serves both runs
+
+
+def test_calibration_checks_fail_when_the_metrics_are_wrong():
+    """A generated set that a C2ST separates, with fd_ratio above 1, must fail the real-data checks."""
+    def fake(c2, fd, ratio, acc):
+        return {"c2st": {"accuracy": c2[0], "interval": c2[1]},
+                "realism": {"classifier_features": {"fd_ratio": {"ratio": fd[0], "interval": fd[1]}}},
+                "recognisability": {"user_ids": [1, 2, 3], "ratio_to_real_test": ratio[0],
+                                    "ratio_interval": ratio[1], "accuracy": acc[0], "accuracy_interval": acc[1]}}
+
+    noise = fake((1.0, [0.98, 1.0]), (9.0, [7.0, 11.0]), (0.3, [0.2, 0.4]), (0.33, [0.2, 0.5]))
+    good = fake((0.52, [0.45, 0.6]), (1.1, [0.8, 1.5]), (0.97, [0.9, 1.05]), (0.9, [0.8, 1.0]))
+    assert all(c["passed"] for c in ev.calibration_checks(good, noise))
+    bad = fake((0.8, [0.7, 0.9]), (2.0, [1.5, 2.6]), (0.97, [0.9, 1.05]), (0.9, [0.8, 1.0]))
+    failed = {c["metric"] for c in ev.calibration_checks(bad, noise) if not c["passed"]}
+    assert failed == {"c2st_accuracy", "fd_ratio"}
+    assert not any(c["passed"] for c in ev.calibration_checks(good, good) if c["run"] == "noise")
 
 
 def _without_timings(obj):
