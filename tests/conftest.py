@@ -83,6 +83,24 @@ def _write_tiny_run(run_dir, tokenizer_identity: str, seed: int = 0, num_users: 
 
 
 @pytest.fixture(scope="session")
+def write_simulated_split():
+    """`write(work, num_users, per_user, seed)`: a simulated data set in WORK/data and its persisted
+    split WORK/split.json (split seed 0); returns (data_dir, split)."""
+
+    def write(work: Path, num_users: int, per_user: int, seed: int = 0):
+        from mdgen_helpers import data
+        from mdgen_helpers.simulate import simulate_dataset
+
+        root = simulate_dataset(work / "data", num_users=num_users, per_user=per_user, seed=seed, workers=1,
+                                progress=False)
+        split = data.make_split(data.validate_dataset(root), seed=0)
+        data.save_split(split, work / "split.json")
+        return root, split
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def make_tokenizer():
     """make_tokenizer(path, seed) -> a fitted rgb-pca stand-in, saved at `path` and reloaded."""
     return _make_tokenizer

@@ -10,18 +10,14 @@ import json
 
 import pytest
 
-from mdgen_helpers import data, evaluate as ev
+from mdgen_helpers import evaluate as ev
 from mdgen_helpers.report import format_calibration
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    from mdgen_helpers.simulate import simulate_dataset
-
+def sim(tmp_path_factory, write_simulated_split):
     root = tmp_path_factory.mktemp("calib")
-    d = simulate_dataset(root / "data", num_users=3, per_user=40, seed=0, workers=1, progress=False)
-    split = data.make_split(data.validate_dataset(d), seed=0)
-    data.save_split(split, root / "split.json")
+    d, _ = write_simulated_split(root, num_users=3, per_user=40, seed=0)
     return root, d
 
 

@@ -10,19 +10,16 @@ import torch
 
 from mdgen_helpers import data, latents, vavae
 from mdgen_helpers.errors import ArtifactMismatchError, MdgenError, SplitMismatchError
-from mdgen_helpers.simulate import simulate_dataset
 from mdgen_helpers.tokenizers import fit_standin, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, write_simulated_split):
     """3 simulated users x 7 images, persisted split, a stand-in, and one extraction."""
     work = tmp_path_factory.mktemp("work")
-    root = simulate_dataset(work / "data", num_users=3, per_user=7, seed=1, workers=1, progress=False)
-    split = data.make_split(data.validate_dataset(root), seed=0)
-    data.save_split(split, work / "split.json")
+    root, split = write_simulated_split(work, num_users=3, per_user=7, seed=1)
     tok = fit_standin(data.ImageDataset(root, split, "train"), num_images=64, seed=0, progress=False)
     tok.save(work / "tokenizer.safetensors")
     status = latents.extract_latents(root, split, tok, work / "latents", batch_size=4, num_workers=0, progress=False)
