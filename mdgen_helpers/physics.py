@@ -4,8 +4,8 @@ The simulator's realism tests and the evaluation's physics check share these fun
 generated image is judged with the same ruler as the simulated training data. Everything works
 from the image alone plus the radar settings saved in users.json["radar"]:
 
-- `image_to_power`: invert the jet colormap (`colormap.colormap_index`, the nearest LUT entry) back to
-  dB relative to the image maximum.
+- `image_to_power`: invert the jet colormap (`colormap.colormap_index`, the nearest LUT entry) and
+  the colour scaling back to dB relative to the image maximum (`db_range`, `color_gamma` of the radar).
 - `row_velocities`: the velocity of every image row (row 0 = most positive, approaching).
 - `torso_velocity`: the median over time of each column's strongest row (the torso, the
   largest scatterer), ignoring the zero-Doppler clutter band.
@@ -46,15 +46,18 @@ def to_uint8_image(image) -> np.ndarray:
                      f"got dtype {a.dtype} shape {a.shape}")
 
 
-def image_to_power(image, db_range: float = 50.0, colormap: str = "jet") -> np.ndarray:
+def image_to_power(image, db_range: float = 50.0, colormap: str = "jet", color_gamma: float = 1.0) -> np.ndarray:
     """dB relative to the image maximum, (H, W), in [-db_range, 0], by nearest-colour inversion.
 
-    Pass `radar["db_range"]` to get the simulator's dB scale; the default matches its default.
+    The inverse of `simulate.render`: pass the data set's `radar["db_range"]` and
+    `radar["color_gamma"]` (as `_power` does) to get its dB scale; the defaults match the default style.
     """
     rgb = torch.from_numpy(to_uint8_image(image).transpose(2, 0, 1).copy())[None].float() / 127.5 - 1.0
     lut, middle = _lut(colormap)
     idx, _ = colormap_index(rgb, lut)
     level = middle[idx[0]].numpy() / 255.0
+    if color_gamma != 1.0:
+        level = level ** (1.0 / float(color_gamma))
     return (level - 1.0) * float(db_range)
 
 
@@ -65,8 +68,10 @@ def row_velocities(radar: dict, n_rows: int = None) -> np.ndarray:
 
 
 def _power(image, radar: dict) -> np.ndarray:
-    db = image_to_power(image, float(radar.get("db_range", 50.0)), radar.get("colormap", "jet"))
-    return db
+    """dB image on the data set's own scale (users.json "radar"; data sets older than the
+    colour scaling have no color_gamma, i.e. 1)."""
+    return image_to_power(image, float(radar.get("db_range", 50.0)), radar.get("colormap", "jet"),
+                          float(radar.get("color_gamma", 1.0)))
 
 
 def torso_velocity(image, radar: dict, min_speed: float = 0.25) -> float:

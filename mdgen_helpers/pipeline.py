@@ -88,15 +88,18 @@ def ensure_data(paths: RunPaths, profile: Profile, data_dir: str | None = None, 
     if not simulate:
         raise inputs.no_data_error()
     users_json = paths.data / "users.json"
-    wanted = {"num_users": profile.sim_users, "per_user": profile.sim_per_user, "seed": profile.sim_seed}
+    wanted = {"num_users": profile.sim_users, "per_user": profile.sim_per_user, "seed": profile.sim_seed,
+              "style": profile.sim_style}
     if users_json.is_file():
-        have = read_json(users_json)
+        have = {"style": "default", **read_json(users_json)}  # sets written before styles are the default one
         if all(have.get(k) == v for k, v in wanted.items()):
-            print(f"simulated data set in {paths.data} is up to date ({profile.sim_users} users x {profile.sim_per_user})")
+            print(f"simulated data set in {paths.data} is up to date ({profile.sim_users} users x {profile.sim_per_user}, "
+                  f"style {profile.sim_style})")
             return paths.data
         raise MdgenError(f"{paths.data} holds a simulated set made with other settings "
                          f"({ {k: have.get(k) for k in wanted} }, wanted {wanted}); use another work folder or delete it")
-    simulate_dataset(paths.data, profile.sim_users, profile.sim_per_user, seed=profile.sim_seed, progress=progress)
+    simulate_dataset(paths.data, profile.sim_users, profile.sim_per_user, seed=profile.sim_seed, progress=progress,
+                     style=profile.sim_style)
     return paths.data
 
 

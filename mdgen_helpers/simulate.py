@@ -19,9 +19,14 @@ Pipeline per image (all numpy, vectorised over time):
    plus static clutter (optional high-pass) and complex white noise at a drawn level below the
    torso peak.
 4. Rendering: STFT with exactly `n_time` columns over `duration_s`, Hamming window, zero padding
-   to `n_doppler` bins, dB clipped to a fixed dynamic range, jet colormap, approaching (positive
-   Doppler) at the top. The PRF is 4 v_max / lambda, so the axis spans +-v_max without aliasing and
-   row r maps to velocity `v_max - r * (v_max - v_min) / (n_doppler - 1)` (see users.json "radar").
+   to `n_doppler` bins, dB clipped to a fixed dynamic range, a colour scaling (gamma) along the jet
+   colormap, approaching (positive Doppler) at the top. The PRF is 4 v_max / lambda, so the axis
+   spans +-v_max without aliasing and row r maps to velocity `v_max - r * (v_max - v_min) / (n_doppler - 1)`
+   (see users.json "radar").
+
+A style (`SIM_STYLES`: "default" at 24 GHz, "mmwave" at 77 GHz) names the radar and noise level of
+step 3-4 together; the people of steps 1-2 depend on the seed only, so two styles of one seed show
+the same users rendered differently.
 
 Every random draw comes from a numpy Generator seeded by (seed, user id, sample index), so the
 bytes written do not depend on the number of worker processes.
@@ -30,6 +35,7 @@ bytes written do not depend on the number of worker processes.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -65,6 +71,9 @@ class RadarConfig:
     window_len: int = 128  # samples per STFT frame (80 ms at 24 GHz), zero padded to n_doppler
     db_range: float = 50.0  # dB below the image maximum that map to the bottom of the colormap
     colormap: str = "jet"
+    # colour scaling along the colormap: entry = level ** color_gamma, level in [0, 1] linear in dB
+    # (0 at -db_range, 1 at the maximum); < 1 lifts weak returns towards the warm colours
+    color_gamma: float = 1.0
     radar_height_m: float = 1.0
     clutter_highpass: bool = False  # DC-notch (MTI) filter on the baseband before the STFT
     highpass_cutoff_mps: float = 0.05
@@ -98,6 +107,8 @@ class RadarConfig:
             raise MdgenError("radar: duration_s too short for n_time STFT columns at this PRF")
         if self.window not in ("hamming", "hann"):
             raise MdgenError(f"radar: window must be 'hamming' or 'hann', got {self.window!r}")
+        if not (self.db_range > 0 and self.color_gamma > 0):
+            raise MdgenError(f"radar: db_range and color_gamma must be positive, got {self.db_range} and {self.color_gamma}")
 
     def to_json(self) -> dict:
         """The settings plus everything a reader needs to map an image row/column to physics."""
@@ -171,6 +182,35 @@ class NuisanceRanges:
     noise_below_torso_db: tuple[float, float] = (35.0, 50.0)
     clutter_re_torso_db: tuple[float, float] = (-25.0, -5.0)
     fading_depth: tuple[float, float] = (0.1, 0.4)
+
+
+@dataclass(frozen=True)
+class SimStyle:
+    """A named rendering of the same people: the radar (carrier, window, dB range, colour scaling)
+    and the per-recording noise level it comes with. Users are drawn from the seed alone (every
+    style keeps the +-5 m/s axis the users are checked against), so a style changes pixels, never who
+    walks; the style's radar goes to users.json, which is how every reader follows it."""
+
+    radar: RadarConfig = RadarConfig()
+    nuisances: NuisanceRanges = NuisanceRanges()
+
+
+SIM_STYLES: dict[str, SimStyle] = {
+    # 24 GHz K-band, 80 ms Hamming frames, 50 dB linear along jet, noise 35-50 dB below the torso.
+    "default": SimStyle(),
+    # 77 GHz automotive radar: 25 ms Hann frames (same +-5 m/s axis and 0.08 m/s resolution, 3.2x
+    # the PRF), a 40 dB range lifted by gamma 0.6 along jet (weak returns in cyan/green rather than
+    # blue) and a noisier receiver, 25-40 dB below the torso.
+    "mmwave": SimStyle(RadarConfig(carrier_ghz=77.0, window="hann", db_range=40.0, color_gamma=0.6),
+                       NuisanceRanges(noise_below_torso_db=(25.0, 40.0))),
+}
+
+
+def get_style(name: str) -> SimStyle:
+    """The named simulator style; an unknown name is a one-line error listing the known ones."""
+    if name not in SIM_STYLES:
+        raise MdgenError(f"unknown simulator style {name!r}; choose one of {sorted(SIM_STYLES)}")
+    return SIM_STYLES[name]
 
 
 # User parameter ranges: (low, high). Wide enough to separate 31 people, narrow enough that every
@@ -616,10 +656,14 @@ def colormap_lut(name: str = "jet") -> np.ndarray:
 
 
 def render(power: np.ndarray, radar: RadarConfig) -> np.ndarray:
-    """Power -> dB re the image maximum, clipped to `db_range`, through the colormap: uint8 (H, W, 3)."""
+    """Power -> dB re the image maximum, clipped to `db_range`, scaled by `color_gamma`, through the
+    colormap: uint8 (H, W, 3). `physics.image_to_power` is the inverse."""
     db = 10 * np.log10(power + 1e-30)
     db = np.clip(db - db.max(), -radar.db_range, 0.0)
-    idx = np.round((db + radar.db_range) / radar.db_range * 255).astype(np.int64)
+    level = (db + radar.db_range) / radar.db_range
+    if radar.color_gamma != 1.0:
+        level = level ** radar.color_gamma
+    idx = np.round(level * 255).astype(np.int64)
     return colormap_lut(radar.colormap)[idx]
 
 
@@ -628,9 +672,10 @@ def sample_seed(seed: int, user_id: int, index: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed), int(user_id), int(index), 0x5EED])
 
 
-def simulate_image(user: UserParams, radar: RadarConfig, seed: int, index: int, **overrides):
+def simulate_image(user: UserParams, radar: RadarConfig, seed: int, index: int,
+                   ranges: NuisanceRanges = NuisanceRanges(), **overrides):
     """One RGB spectrogram (uint8, (n_doppler, n_time, 3)) and its per-sample truth."""
-    power, truth = simulate_power(user, radar, sample_seed(seed, user.user_id, index), **overrides)
+    power, truth = simulate_power(user, radar, sample_seed(seed, user.user_id, index), ranges, **overrides)
     return render(power, radar), truth
 
 
@@ -648,8 +693,8 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
 
 
 def _write_one(job) -> str:
-    out_dir, user, radar, seed, index = job
-    rgb, _ = simulate_image(user, radar, seed, index)
+    out_dir, user, radar, ranges, seed, index = job
+    rgb, _ = simulate_image(user, radar, seed, index, ranges)
     rel = f"ID_{user.user_id}/ID_{user.user_id}_{index:04d}.jpg"
     atomic_write_bytes(Path(out_dir) / rel, encode_jpeg(rgb, radar.jpeg_quality))
     return rel
@@ -670,22 +715,26 @@ def _check_out_dir(out_dir: Path, manifest: dict) -> None:
             old = read_json(users_json)
         except (OSError, ValueError):
             old = None
-        same = old is not None and all(old.get(k) == manifest[k] for k in ("radar", "seed", "per_user", "version")) \
-            and old.get("num_users") == manifest["num_users"]
+        keys = ("radar", "nuisances", "style", "seed", "per_user", "num_users", "version")
+        wanted = json.loads(json.dumps({k: manifest[k] for k in keys}))  # as read back (tuples -> lists)
+        same = old is not None and all(old.get(k) == wanted[k] for k in keys)
         if same:
             return  # re-running the same command rewrites identical bytes
     raise MdgenError(f"simulate: --out {out_dir} is not empty and was not written by this same simulate "
                      f"command (users.json differs or is missing); choose an empty or new folder")
 
 
-def simulate_dataset(out_dir, num_users: int, per_user: int, seed: int = 0, radar: RadarConfig = RadarConfig(),
-                     workers: int | None = None, progress: bool = True) -> Path:
+def simulate_dataset(out_dir, num_users: int, per_user: int, seed: int = 0, radar: RadarConfig | None = None,
+                     workers: int | None = None, progress: bool = True, style: str = "default") -> Path:
     """Write out_dir/ID_k/ID_k_NNNN.jpg for k=1..num_users and out_dir/users.json (written last).
 
-    Same arguments, same bytes, whatever the number of workers.
+    `style` (SIM_STYLES) sets the radar and noise level; `radar`, when given, replaces the style's
+    radar. Same arguments, same bytes, whatever the number of workers.
     """
     if num_users < 1 or per_user < 1:
         raise MdgenError(f"simulate: need --users >= 1 and --per-user >= 1, got {num_users} and {per_user}")
+    look = get_style(style)
+    radar = look.radar if radar is None else radar
     radar.validate()
     out_dir = Path(out_dir)
     users = draw_users(num_users, seed, 0.93 * radar.v_span_mps)
@@ -695,15 +744,16 @@ def simulate_dataset(out_dir, num_users: int, per_user: int, seed: int = 0, rada
         "seed": int(seed),
         "num_users": int(num_users),
         "per_user": int(per_user),
+        "style": style,
         "radar": radar.to_json(),
-        "nuisances": asdict(NuisanceRanges()),
+        "nuisances": asdict(look.nuisances),
         "image": {"format": "jpeg", "quality": radar.jpeg_quality, "size": [radar.n_doppler, radar.n_time],
                   "layout": "ID_k/ID_k_NNNN.jpg"},
         "users": {str(u.user_id): u.to_json() for u in users},
     }
     _check_out_dir(out_dir, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out_dir), u, radar, int(seed), i) for u in users for i in range(per_user)]
+    jobs = [(str(out_dir), u, radar, look.nuisances, int(seed), i) for u in users for i in range(per_user)]
     workers = max(1, min(int(workers or os.cpu_count() or 1), len(jobs)))
 
     from tqdm.auto import tqdm
@@ -759,8 +809,9 @@ def save_preview_figure(data_dir, out_png, users=(1, 2, 3, 4), per_user: int = 3
             if c == 0 or r == 0:
                 ax.set_title(f"H={info['height_m']:.2f} m V={info['speed_mps']:.2f} m/s\n"
                              f"steps={info['step_rate_hz']:.2f} Hz arm={info['arm_swing']:.2f}", fontsize=6)
-    fig.suptitle(f"Simulated users ({rd['carrier_ghz']:g} GHz, PRF {rd['prf_hz']:.0f} Hz, "
-                 f"{rd['db_range']:g} dB, jet)", fontsize=9)
+    fig.suptitle(f"Simulated users, style {meta.get('style', 'default')} ({rd['carrier_ghz']:g} GHz, PRF "
+                 f"{rd['prf_hz']:.0f} Hz, {rd['db_range']:g} dB, gamma {rd.get('color_gamma', 1.0):g}, "
+                 f"{rd['colormap']})", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=72)
@@ -778,8 +829,11 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--users", type=int, default=31, help="number of simulated people (default 31)")
     parser.add_argument("--per-user", type=int, default=150, help="spectrograms per person (default 150)")
     parser.add_argument("--seed", type=int, default=0, help="seed: same seed, same bytes (default 0)")
-    parser.add_argument("--carrier-ghz", type=float, default=24.0, choices=SUPPORTED_CARRIERS_GHZ,
-                        help="radar carrier frequency in GHz (default 24)")
+    parser.add_argument("--style", default="default",
+                        help=f"rendering style, one of {sorted(SIM_STYLES)}: radar carrier, window, dB range, colour "
+                             "scaling and noise level (the same users for the same seed; default: default, 24 GHz)")
+    parser.add_argument("--carrier-ghz", type=float, default=None, choices=SUPPORTED_CARRIERS_GHZ,
+                        help="radar carrier frequency in GHz (default: the style's)")
     parser.add_argument("--highpass", action="store_true", help="remove static clutter with a DC-notch filter")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPU cores)")
     parser.add_argument("--preview", default=None, help="also write a labelled preview PNG to this path")
@@ -789,9 +843,12 @@ def add_cli_arguments(parser) -> None:
 def cli_main(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise MdgenError("simulate: --workers must be >= 1")
-    radar = RadarConfig(carrier_ghz=float(args.carrier_ghz), clutter_highpass=bool(args.highpass))
+    radar = get_style(args.style).radar
+    if args.carrier_ghz is not None:
+        radar = replace(radar, carrier_ghz=float(args.carrier_ghz))
+    radar = replace(radar, clutter_highpass=bool(args.highpass))
     out = simulate_dataset(args.out, args.users, args.per_user, args.seed, radar=radar, workers=args.workers,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, style=args.style)
     print(f"wrote {args.users} x {args.per_user} spectrograms and users.json to {out}")
     if args.preview:
         save_preview_figure(out, args.preview, users=tuple(range(1, min(args.users, 4) + 1)), per_user=3)

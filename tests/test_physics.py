@@ -5,7 +5,7 @@ import pytest
 
 from mdgen_helpers import physics
 from mdgen_helpers.errors import MdgenError
-from mdgen_helpers.simulate import RadarConfig, colormap_lut, render
+from mdgen_helpers.simulate import SIM_STYLES, RadarConfig, colormap_lut, get_style, render
 
 RADAR = RadarConfig().to_json()
 
@@ -27,6 +27,17 @@ def test_image_to_power_inverts_the_colormap():
     as_float = img.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     np.testing.assert_allclose(physics.image_to_power(as_float, RADAR["db_range"]), back)
     assert colormap_lut().shape == (256, 3)
+
+
+@pytest.mark.parametrize("style", sorted(SIM_STYLES))
+def test_image_to_power_inverts_every_styles_colour_scaling(style):
+    radar = get_style(style).radar
+    r = radar.to_json()
+    db = np.tile(np.linspace(-r["db_range"], 0, 256)[:, None], (1, 8))
+    back = physics._power(render(10 ** (db / 10), radar), r)  # the scale users.json records
+    assert np.mean(np.abs(back - db)) < 0.2
+    if r["color_gamma"] != 1.0:  # read as if linear, the levels are off by ~5 dB
+        assert np.mean(np.abs(physics._power(render(10 ** (db / 10), radar), {**r, "color_gamma": 1.0}) - db)) > 3.0
 
 
 def test_bad_image_is_a_clear_error():

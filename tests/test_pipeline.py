@@ -3,6 +3,7 @@
 import pytest
 
 from mdgen_helpers import data, pipeline
+from mdgen_helpers.errors import MdgenError
 from mdgen_helpers.files import read_json
 from mdgen_helpers.profiles import get_profile
 
@@ -158,3 +159,24 @@ def test_pipeline_cli_profile_from_hardware_and_explicit_epochs(monkeypatch, cap
     assert prof.name == "cpu-demo" and (prof.train.max_epochs, prof.train.max_steps) == (5, 100)
     assert main(["pipeline", "--output_dir", "w"]) == 2  # no --data_dir and no --simulate
     assert "--simulate" in capsys.readouterr().err
+
+
+def test_the_sim_style_travels_from_the_profile_to_the_data(tmp_path, monkeypatch):
+    """`demo --set sim_style=mmwave` becomes MDGEN_SIM_STYLE for the notebooks; notebook 01's
+    `ensure_data` then simulates that style, records it, and refuses a folder of another style."""
+    from mdgen_helpers.demo import notebook_env
+
+    env = notebook_env("cpu-smoke", tmp_path / "w", overrides={"sim_style": "mmwave", "sim_users": 2, "sim_per_user": 2})
+    assert env["MDGEN_SIM_STYLE"] == "mmwave"
+    for k in ("MDGEN_SIM_STYLE", "MDGEN_SIM_USERS", "MDGEN_SIM_PER_USER"):
+        monkeypatch.setenv(k, env[k])
+    profile = get_profile("cpu-smoke")
+    assert profile.sim_style == "mmwave"
+    paths = pipeline.RunPaths(tmp_path / "w")
+    d = pipeline.ensure_data(paths, profile, simulate=True, progress=False)
+    meta = read_json(d / "users.json")
+    assert meta["style"] == "mmwave" and meta["radar"]["carrier_hz"] == 77e9 and len(meta["users"]) == 2
+    assert pipeline.ensure_data(paths, profile, simulate=True, progress=False) == d  # reused as is
+    monkeypatch.delenv("MDGEN_SIM_STYLE")
+    with pytest.raises(MdgenError, match="made with other settings"):
+        pipeline.ensure_data(paths, get_profile("cpu-smoke"), simulate=True, progress=False)

@@ -152,3 +152,79 @@ def test_a_small_probe_recognises_users_well_above_chance_but_not_perfectly():
     # and the users are not trivially separable by mean speed alone (nuisances matter)
     speed_only = physics.user_probe_accuracy(x[train][:, 64:66], y[train], x[~train][:, 64:66], y[~train])
     assert speed_only < acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Styles: the same people, rendered by another radar
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_style_changes_the_pixels_but_not_the_users(tmp_path):
+    a = sim.simulate_dataset(tmp_path / "a", 3, 2, seed=4, workers=1, progress=False)
+    b = sim.simulate_dataset(tmp_path / "b", 3, 2, seed=4, workers=1, progress=False, style="mmwave")
+    ma, mb = (json.loads((d / "users.json").read_text()) for d in (a, b))
+    assert ma["users"] == mb["users"] and (ma["style"], mb["style"]) == ("default", "mmwave")
+    ra, rb = ma["radar"], mb["radar"]
+    assert (ra["carrier_hz"], ra["db_range"], ra["color_gamma"], ra["window"]) == (24e9, 50.0, 1.0, "hamming")
+    assert (rb["carrier_hz"], rb["db_range"], rb["color_gamma"], rb["window"]) == (77e9, 40.0, 0.6, "hann")
+    assert rb["prf_hz"] == pytest.approx(ra["prf_hz"] * 77 / 24)
+    assert (ra["v_max"], ra["v_min"], ra["velocity_per_row"]) == pytest.approx((rb["v_max"], rb["v_min"], rb["velocity_per_row"]))
+    assert ma["nuisances"]["noise_below_torso_db"] != mb["nuisances"]["noise_below_torso_db"]
+    for f in sorted(p.relative_to(a) for p in a.rglob("*.jpg")):
+        pa = np.asarray(Image.open(a / f), dtype=float)
+        pb = np.asarray(Image.open(b / f), dtype=float)
+        assert np.abs(pa - pb).mean() > 10, f  # clearly another rendering (measured ~18 of 255)
+    # a data set is one style: writing the other style into it is refused
+    with pytest.raises(MdgenError, match="not empty"):
+        sim.simulate_dataset(a, 3, 2, seed=4, workers=1, progress=False, style="mmwave")
+
+
+@pytest.mark.parametrize("style", sorted(sim.SIM_STYLES))
+def test_physics_readout_recovers_the_truth_in_every_style(users, style):
+    look = sim.get_style(style)
+    r = look.radar.to_json()  # what users.json holds, and all the readout gets
+    for u in users[:4]:
+        rgb, truth = sim.simulate_image(u, look.radar, 0, 2, look.nuisances)
+        v = truth["speed_mps"] * np.cos(np.deg2rad(truth["aspect_deg"]))
+        assert physics.torso_velocity(rgb, r) == pytest.approx(v, abs=2 * r["velocity_per_row"]), u.user_id
+        assert physics.step_rate(rgb, r) == pytest.approx(truth["step_rate_hz"], rel=0.06), u.user_id
+
+
+def test_the_evaluation_physics_check_follows_the_data_sets_style(tmp_path):
+    from mdgen_helpers import data, metrics
+
+    d = sim.simulate_dataset(tmp_path / "sim", num_users=2, per_user=3, seed=0, workers=1, progress=False,
+                             style="mmwave")
+    split = data.make_split(data.validate_dataset(d), seed=0)
+    files = [d / f for p in ("train", "val", "test") for f in split.files(p)]
+    labels = [l for p in ("train", "val", "test") for l in split.labels(p)]
+    r = metrics.physics_check(d / "users.json", split.user_map, (files, labels), (files, labels), max_per_user=3)
+    assert r["torso_velocity_mae_generated"] < 0.1 and r["step_rate_mae_generated"] < 0.15, r
+
+
+def test_an_unknown_style_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from mdgen_helpers.cli import main
+    from mdgen_helpers.profiles import get_profile
+
+    assert main(["simulate", "--out", str(tmp_path / "x"), "--style", "x-band", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown simulator style 'x-band'" in err and "mmwave" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(MdgenError, match="unknown simulator style"):
+        get_profile("cpu-smoke", sim_style="x-band")
+    monkeypatch.setenv("MDGEN_SIM_STYLE", "x-band")
+    with pytest.raises(MdgenError, match="unknown simulator style"):
+        get_profile("cpu-smoke")
+
+
+def test_the_cli_style_flag_and_carrier_override(tmp_path):
+    from mdgen_helpers.cli import main
+
+    assert main(["simulate", "--out", str(tmp_path / "m"), "--users", "1", "--per-user", "1", "--style", "mmwave",
+                 "--workers", "1", "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "m" / "users.json").read_text())
+    assert meta["style"] == "mmwave" and meta["radar"]["carrier_hz"] == 77e9 and meta["radar"]["color_gamma"] == 0.6
+    assert main(["simulate", "--out", str(tmp_path / "c"), "--users", "1", "--per-user", "1", "--carrier-ghz", "5.8",
+                 "--workers", "1", "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "c" / "users.json").read_text())
+    assert meta["style"] == "default" and meta["radar"]["carrier_hz"] == 5.8e9 and meta["radar"]["db_range"] == 50.0
