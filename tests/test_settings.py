@@ -34,6 +34,23 @@ def test_readme_commands_parse_with_the_derived_flags():
         cli.build_parser(argv).parse_args(argv)  # SystemExit (exit code 2) on an unknown flag
 
 
+def test_readme_demo_overrides_are_valid_profile_settings(monkeypatch, tmp_path):
+    """`demo --set FIELD=VALUE` in the README: known fields with accepted values, read as the
+    notebooks read them (a misspelt simulator style would otherwise only fail inside notebook 01)."""
+    from mdgen_helpers.demo import notebook_env
+
+    demos = [c for c in readme_commands() if c[0] == "demo" and "--set" in c]
+    assert any("sim_style=mmwave" in c for c in demos)
+    for argv in demos:
+        args = cli.build_parser(argv).parse_args(argv)
+        overrides = dict(item.split("=", 1) for item in args.set)
+        with monkeypatch.context() as m:
+            for key, value in notebook_env(args.profile, tmp_path, overrides=overrides).items():
+                m.setenv(key, value)
+            p = get_profile()
+        assert p.name == args.profile and all(str(getattr(p, k)) == v for k, v in overrides.items() if "." not in k)
+
+
 def test_train_flags_map_to_config_fields():
     from mdgen_helpers.launch import config_from_args
 
