@@ -2,6 +2,7 @@
 
     python benchmarks/bench_extract.py --users 31 --per_user 150 --threads 2 --num_workers 2
     python benchmarks/bench_extract.py --users 6 --per_user 30 --threads 1 --skip_extract   # quick comparison
+    python benchmarks/bench_extract.py --users 6 --per_user 30 --threads 1 --skip_extract --kinds colormap-pca --style mmwave
 
 Simulates the data set once into --workdir (reused on later runs), makes the split, and for each
 stand-in kind in --kinds (default: both, on the same images) fits it on the train part, reports its
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=31)
     ap.add_argument("--per_user", type=int, default=150)
     ap.add_argument("--workdir", default="/tmp/mdgen_bench_extract")
+    ap.add_argument("--style", default="default", help="simulator style (simulate.SIM_STYLES)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--num_workers", type=int, default=2, help="DataLoader workers for extraction")
     ap.add_argument("--batch_size", type=int, default=32)
@@ -40,11 +42,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    work = Path(args.workdir) / f"u{args.users}_p{args.per_user}"
+    work = Path(args.workdir) / f"u{args.users}_p{args.per_user}" / args.style
     root = work / "data"
     t = time.perf_counter()
     if not (root / "users.json").is_file():
-        simulate_dataset(root, args.users, args.per_user, seed=0, workers=args.threads, progress=True)
+        simulate_dataset(root, args.users, args.per_user, seed=0, workers=args.threads, progress=True, style=args.style)
         print(f"simulated {args.users}x{args.per_user} images in {time.perf_counter() - t:.1f} s")
     split = data.make_split(data.validate_dataset(root), seed=0)
     n = {p: len(split.files(p)) for p in latents.PARTS}

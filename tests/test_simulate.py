@@ -166,7 +166,7 @@ def test_a_style_changes_the_pixels_but_not_the_users(tmp_path):
     assert ma["users"] == mb["users"] and (ma["style"], mb["style"]) == ("default", "mmwave")
     ra, rb = ma["radar"], mb["radar"]
     assert (ra["carrier_hz"], ra["db_range"], ra["color_gamma"], ra["window"]) == (24e9, 50.0, 1.0, "hamming")
-    assert (rb["carrier_hz"], rb["db_range"], rb["color_gamma"], rb["window"]) == (77e9, 40.0, 0.6, "hann")
+    assert (rb["carrier_hz"], rb["db_range"], rb["color_gamma"], rb["window"]) == (77e9, 40.0, 0.7, "hann")
     assert rb["prf_hz"] == pytest.approx(ra["prf_hz"] * 77 / 24)
     assert (ra["v_max"], ra["v_min"], ra["velocity_per_row"]) == pytest.approx((rb["v_max"], rb["v_min"], rb["velocity_per_row"]))
     assert ma["nuisances"]["noise_below_torso_db"] != mb["nuisances"]["noise_below_torso_db"]
@@ -223,7 +223,7 @@ def test_the_cli_style_flag_and_carrier_override(tmp_path):
     assert main(["simulate", "--out", str(tmp_path / "m"), "--users", "1", "--per-user", "1", "--style", "mmwave",
                  "--workers", "1", "--no-progress"]) == 0
     meta = json.loads((tmp_path / "m" / "users.json").read_text())
-    assert meta["style"] == "mmwave" and meta["radar"]["carrier_hz"] == 77e9 and meta["radar"]["color_gamma"] == 0.6
+    assert meta["style"] == "mmwave" and meta["radar"]["carrier_hz"] == 77e9 and meta["radar"]["color_gamma"] == 0.7
     assert main(["simulate", "--out", str(tmp_path / "c"), "--users", "1", "--per-user", "1", "--carrier-ghz", "5.8",
                  "--workers", "1", "--no-progress"]) == 0
     meta = json.loads((tmp_path / "c" / "users.json").read_text())
