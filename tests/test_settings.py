@@ -38,6 +38,7 @@ def test_readme_demo_overrides_are_valid_profile_settings(monkeypatch, tmp_path)
     """`demo --set FIELD=VALUE` in the README: known fields with accepted values, read as the
     notebooks read them (a misspelt simulator style would otherwise only fail inside notebook 01)."""
     from mdgen_helpers.demo import notebook_env
+    from mdgen_helpers.simulate import get_style
 
     demos = [c for c in readme_commands() if c[0] == "demo" and "--set" in c]
     assert any("sim_style=mmwave" in c for c in demos)
@@ -49,6 +50,7 @@ def test_readme_demo_overrides_are_valid_profile_settings(monkeypatch, tmp_path)
                 m.setenv(key, value)
             p = get_profile()
         assert p.name == args.profile and all(str(getattr(p, k)) == v for k, v in overrides.items() if "." not in k)
+        get_style(p.sim_style)  # a known style (checked only once notebook 01 simulates)
 
 
 def test_train_flags_map_to_config_fields():

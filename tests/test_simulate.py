@@ -203,6 +203,7 @@ def test_the_evaluation_physics_check_follows_the_data_sets_style(tmp_path):
 
 
 def test_an_unknown_style_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from mdgen_helpers import pipeline
     from mdgen_helpers.cli import main
     from mdgen_helpers.profiles import get_profile
 
@@ -210,11 +211,16 @@ def test_an_unknown_style_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert "unknown simulator style 'x-band'" in err and "mmwave" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
-    with pytest.raises(MdgenError, match="unknown simulator style"):
-        get_profile("cpu-smoke", sim_style="x-band")
+    # from the profile (MDGEN_SIM_STYLE, demo --set, pipeline --sim_style): where the data is simulated
     monkeypatch.setenv("MDGEN_SIM_STYLE", "x-band")
-    with pytest.raises(MdgenError, match="unknown simulator style"):
-        get_profile("cpu-smoke")
+    paths = pipeline.RunPaths(tmp_path / "w")
+    with pytest.raises(MdgenError, match="unknown simulator style 'x-band'"):
+        pipeline.ensure_data(paths, get_profile("cpu-smoke"), simulate=True, progress=False)
+    assert not paths.data.exists()
+    monkeypatch.delenv("MDGEN_SIM_STYLE")
+    assert main(["pipeline", "--profile", "cpu-smoke", "--simulate", "--output_dir", str(tmp_path / "p"),
+                 "--sim_style", "x-band"]) == 2
+    assert "unknown simulator style 'x-band'" in capsys.readouterr().err
 
 
 def test_the_cli_style_flag_and_carrier_override(tmp_path):
