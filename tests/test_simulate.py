@@ -174,6 +174,9 @@ def test_a_style_changes_the_pixels_but_not_the_users(tmp_path):
         pa = np.asarray(Image.open(a / f), dtype=float)
         pb = np.asarray(Image.open(b / f), dtype=float)
         assert np.abs(pa - pb).mean() > 10, f  # clearly another rendering (measured ~18 of 255)
+    # users are checked against each style's own axis: every style must keep the default one
+    for look in sim.SIM_STYLES.values():
+        assert sim.draw_users(8, 4, 0.93 * look.radar.v_span_mps) == sim.draw_users(8, 4)
     # a data set is one style: writing the other style into it is refused
     with pytest.raises(MdgenError, match="not empty"):
         sim.simulate_dataset(a, 3, 2, seed=4, workers=1, progress=False, style="mmwave")
