@@ -13,6 +13,8 @@ Variants (`--variants`):
                 `transport.create_transport(...).training_losses`, default (foreach) AdamW
   ours-eager    our training loop's step (`mdgen_helpers.train.step_loss`, clipping, AdamW)
   ours          the same with `TrainConfig.compile` (`train.compiled_step_loss`)
+  ours-fused-adamw, ours-max-autotune   candidates that lost (benchmarks/README.md): `ours` with
+                AdamW(fused=True), and with inductor's max-autotune mode
 
 The variants are timed interleaved (official, ours, official, ours, ...) after a warm-up that
 includes every compilation, so a load change hits all of them alike: the ratio holds on a busy
@@ -22,13 +24,14 @@ Getting the official code (never copied into this repository or the package):
 
     git clone https://github.com/hustvl/LightningDiT ~/.cache/mdgen-bench/LightningDiT
     git -C ~/.cache/mdgen-bench/LightningDiT checkout 2725fed42a14898744433809949834e26957bcdd
-    pip install --no-deps --target ~/.cache/mdgen-bench/site timm==1.0.12 torchdiffeq==0.2.5 einops==0.8.2 \
-        fairscale==0.4.13   # --no-build-isolation: a pure-Python sdist
+    pip install --no-deps --target ~/.cache/mdgen-bench/site timm==1.0.12 torchdiffeq==0.2.5 einops==0.8.2
+    pip install --no-deps --no-build-isolation --target ~/.cache/mdgen-bench/site fairscale==0.4.13
 
-(its `models/lightningdit.py` imports timm's PatchEmbed and Mlp, its `transport` package imports
-torchdiffeq, its `models/pos_embed.py` einops and `models/rmsnorm.py` fairscale; the other imports -- scipy, numpy, torchvision, safetensors, yaml, huggingface_hub --
-are this project's dependencies already. `--site` points at the install target, which is put on
-sys.path for this process only, so the project's environment never gains timm.)
+(its `models/lightningdit.py` imports timm's PatchEmbed and Mlp, `models/pos_embed.py` einops,
+`models/rmsnorm.py` fairscale (imported, unused by the model) and the `transport` package
+torchdiffeq; scipy, numpy and torchvision are this project's dependencies already. `--site` is
+the install target, put on sys.path for this process only: the project's environment never
+gains these packages, and nothing is stubbed.)
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def official_step(preset: str, batch: int, official_dir: Path, site: Path):
     return step, model
 
 
-def our_step(preset: str, batch: int, compile_: bool):
+def our_step(preset: str, batch: int, compile_: bool, fused: bool = False, mode: str | None = None):
     """The body of `mdgen_helpers.train.train`'s loop without Accelerate's bookkeeping: the same loss
     function (`train.step_loss`, compiled by `train.compiled_step_loss` as with --compile), clipping
     at 1.0, AdamW, zero_grad(set_to_none)."""
@@ -99,7 +102,8 @@ def our_step(preset: str, batch: int, compile_: bool):
                       time_dist="logit_normal", cosine_weight=1.0, compile=compile_)
     torch.manual_seed(0)
     model = dit.build_model(preset, NUM_CLASSES, class_dropout_prob=cfg.label_dropout)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            **({"fused": True} if fused else {}))
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn(batch, 32, 16, 16, generator=g)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
@@ -110,7 +114,9 @@ def our_step(preset: str, batch: int, compile_: bool):
 
     model.train()
     loss_fn, note = train.step_loss, "eager"
-    if cfg.compile:
+    if mode is not None:  # a candidate only: another inductor mode than the one train uses
+        loss_fn, note = torch.compile(train.step_loss, mode=mode), f"torch.compile mode={mode}"
+    elif cfg.compile:
         loss_fn, note = train.compiled_step_loss(model, draws(), cfg.cosine_weight)
 
     def step():
@@ -134,7 +140,8 @@ def run(presets, variants, batch, warmup, iters, official_dir, site) -> list[dic
             if name == "official":
                 fn, _ = official_step(preset, batch, official_dir, site)
             else:
-                fn, _, info = our_step(preset, batch, name == "ours")
+                fn, _, info = our_step(preset, batch, name != "ours-eager", fused=name == "ours-fused-adamw",
+                                       mode="max-autotune-no-cudagraphs" if name == "ours-max-autotune" else None)
                 notes[name] = info
             for _ in range(warmup):  # compilation happens here
                 fn()
@@ -171,7 +178,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["tiny", "S/2"], choices=sorted(dit.PRESETS))
-    ap.add_argument("--variants", nargs="+", default=["official", "ours"], choices=["official", "ours-eager", "ours"])
+    ap.add_argument("--variants", nargs="+", default=["official", "ours"], choices=["official", "ours-eager", "ours", "ours-fused-adamw", "ours-max-autotune"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation happens here)")
     ap.add_argument("--iters", type=int, default=4, help="timed steps per variant (the median is reported)")
