@@ -79,11 +79,11 @@ class TrainConfig:
     devices: int = field(default=1, metadata=_help("processes/GPUs; > 1 re-launches through `accelerate launch`"))
     cpu: bool = field(default=False, metadata=_help("train on the CPU even when a GPU is present"))
     # torch.compile of the training objective (model forward + loss, and their backward) fuses the
-    # many small element-wise ops (RMSNorm, adaLN, RoPE, SwiGLU, the loss) that dominate a small
-    # model's step: ~1.3x per step on the CPU (benchmarks/README.md). It costs 30-70 s of compilation
-    # up front, so it is off by default (tests, short runs) and the profiles turn it on where the
-    # run is long enough to repay it. Where compilation fails (no C++ compiler, an unsupported
-    # platform) training says so in one line and runs eager.
+    # many small element-wise ops (RMSNorm, adaLN, RoPE, SwiGLU, the loss) that eager runs one by
+    # one: 1.2-1.35x per step on the CPU (benchmarks/README.md). A cold compile costs 30-80 s, more
+    # than the CPU demo's 3-minute training saves, and it is unmeasured on a T4, so it is off by
+    # default and in every profile; turn it on for long runs. Where compilation fails (no C++
+    # compiler, an unsupported platform) training says so in one line and runs eager.
     compile: bool = field(default=False, metadata=_help("torch.compile the training step (falls back to eager)"))
     seed: int = 0
     log_every: int = 50
