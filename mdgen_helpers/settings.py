@@ -78,6 +78,13 @@ class TrainConfig:
         "auto|no|32|fp16|16-mixed|bf16|bf16-mixed (auto: bf16 on cc>=8.0, fp16 on T4, fp32 on CPU)"))
     devices: int = field(default=1, metadata=_help("processes/GPUs; > 1 re-launches through `accelerate launch`"))
     cpu: bool = field(default=False, metadata=_help("train on the CPU even when a GPU is present"))
+    # torch.compile of the training objective (model forward + loss, and their backward) fuses the
+    # many small element-wise ops (RMSNorm, adaLN, RoPE, SwiGLU, the loss) that eager runs one by
+    # one: 1.2-1.35x per step on the CPU (benchmarks/README.md). A cold compile costs 30-80 s, more
+    # than the CPU demo's 3-minute training saves, and it is unmeasured on a T4, so it is off by
+    # default and in every profile; turn it on for long runs. Where compilation fails (no C++
+    # compiler, an unsupported platform) training says so in one line and runs eager.
+    compile: bool = field(default=False, metadata=_help("torch.compile the training step (falls back to eager)"))
     seed: int = 0
     log_every: int = 50
     val_every: int = field(default=500, metadata=_help("validation loss every N steps (0 = off)"))

@@ -268,6 +268,47 @@ def step_draws(cfg: TrainConfig, step: int, n_train: int, step_batch: int, shape
     return Draws(idx, noise, t, drop, eps)
 
 
+def micro_batch(data: TrainData, d: Draws, device) -> tuple[torch.Tensor, ...]:
+    """(x1, y, noise, t, drop) of one micro-batch on `device`: the arguments of `step_loss`."""
+    x1 = data.train_z[d.idx]
+    if d.eps is not None:
+        x1 = x1 + data.train_std[d.idx] * d.eps
+    return (x1.to(device), data.train_y[d.idx].to(device), d.noise.to(device), d.t.to(device),
+            d.drop.long().to(device))
+
+
+# --------------------------------------------------------------------------------------------
+# The training objective, eager or compiled
+# --------------------------------------------------------------------------------------------
+
+
+def step_loss(model, x1, y, noise, t, drop, cosine_weight: float) -> torch.Tensor:
+    """Per-sample flow-matching loss (B,) of one micro-batch, label dropout given as `drop`
+    (force_drop_ids) from the step's draws: the part of a step that `TrainConfig.compile` compiles."""
+    return flow_matching_loss(lambda x, tt, yy: model(x, tt, yy, force_drop_ids=drop), x1, y,
+                              cosine_weight=cosine_weight, noise=noise, t=t)
+
+
+def compiled_step_loss(model, example: tuple, cosine_weight: float) -> tuple[Callable, str]:
+    """(`torch.compile(step_loss)`, a one-line note), or (`step_loss`, why not) when it fails.
+
+    Compilation is lazy and the backward graph is compiled at the first backward, so one forward +
+    backward on `example` (a micro-batch, `micro_batch(...)`) runs here, inside the try, and its
+    gradients are cleared. Any failure (no C++ compiler, an unsupported platform or GPU) means eager:
+    the same numbers, only slower. The model object itself is not wrapped, so checkpoints, the EMA
+    copy and the state-dict keys are the same either way."""
+    t0 = time.time()
+    fn = torch.compile(step_loss)
+    try:
+        fn(model, *example, cosine_weight).mean().backward()
+    except Exception as e:  # noqa: BLE001 - any compiler failure means "train eager"
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return step_loss, f"torch.compile failed ({type(e).__name__}: {first}); training eager"
+    finally:
+        model.zero_grad(set_to_none=True)
+    return fn, f"training step compiled (torch.compile) in {time.time() - t0:.0f} s"
+
+
 # --------------------------------------------------------------------------------------------
 # Validation and previews
 # --------------------------------------------------------------------------------------------
@@ -511,6 +552,13 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
         if path is not None:
             ckpt_paths.append(str(path))
 
+    loss_fn, compile_note = step_loss, "off"
+    if cfg.compile and step < max_steps:
+        model.train()
+        first = step_draws(cfg, step, n_train, global_batch * cfg.grad_accum, shape).part(rank, cfg.batch_size)
+        loss_fn, compile_note = compiled_step_loss(model, micro_batch(data, first, device), cfg.cosine_weight)
+        print_main(compile_note)
+
     while step < max_steps:
         t_step = time.time()
         model.train()
@@ -518,17 +566,10 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
         loss_sum = 0.0
         draws = step_draws(cfg, step, n_train, global_batch * cfg.grad_accum, shape)
         for k in range(cfg.grad_accum):
-            d = draws.part(k * P + rank, cfg.batch_size)
-            x1 = data.train_z[d.idx]
-            if d.eps is not None:
-                x1 = x1 + data.train_std[d.idx] * d.eps
-            x1, y = x1.to(device), data.train_y[d.idx].to(device)
-            drop = d.drop.long().to(device)
+            batch = micro_batch(data, draws.part(k * P + rank, cfg.batch_size), device)
             sync = k == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                per_sample = flow_matching_loss(
-                    lambda x, t, yy: model(x, t, yy, force_drop_ids=drop), x1, y,
-                    cosine_weight=cfg.cosine_weight, noise=d.noise.to(device), t=d.t.to(device))
+                per_sample = loss_fn(model, *batch, cfg.cosine_weight)
                 if loss_hook is not None:
                     per_sample = loss_hook(step, per_sample)
                 loss = per_sample.mean()
@@ -626,6 +667,7 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
         "final_loss": losses[-1] if losses else None, "losses": losses, "val_loss_ema": last_val,
         "checkpoint": str(checkpoints.latest_checkpoint(out)), "ema": str(out / checkpoints.EMA_NAME), "precision": mixed,
         "num_processes": P, "global_batch": global_batch, "resumed_from": str(resume_from) if resume_from else None,
+        "compile": compile_note,
         "seconds": time.time() - t_session,
     }
     if main:
