@@ -24,17 +24,17 @@ def test_report_keeps_every_notebooks_widget_state(tmp_path):
     assert html.count("model-of-notebook-01") >= 2 and html.count("model-of-notebook-03") >= 2  # view + state
 
 
-def test_notebook_kernels_get_one_thread_per_core_and_passive_waits(monkeypatch):
-    """The demo's kernels start with the shared-machine thread policy; a user's own choice wins."""
+def test_notebook_kernels_get_one_thread_per_free_core(monkeypatch):
+    """The demo's kernels get one OpenMP thread per core no other process is busy on (at least
+    one); a user's own OMP_NUM_THREADS wins."""
     from mdgen_helpers.demo import notebook_env
     from mdgen_helpers.env import cpu_thread_policy
 
+    cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    env = notebook_env("cpu-demo", "w")
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert int(env["OMP_NUM_THREADS"]) == len(os.sched_getaffinity(0))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert notebook_env("cpu-demo", "w")["OMP_NUM_THREADS"] == "1"
-    assert cpu_thread_policy()["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert cpu_thread_policy(load=0.0) == {"OMP_NUM_THREADS": str(cores)}
+    assert cpu_thread_policy(load=1.2)["OMP_NUM_THREADS"] == str(max(1, cores - 1))
+    assert cpu_thread_policy(load=50.0)["OMP_NUM_THREADS"] == "1"
+    assert 1 <= int(notebook_env("cpu-demo", "w")["OMP_NUM_THREADS"]) <= cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert notebook_env("cpu-demo", "w")["OMP_NUM_THREADS"] == "3"
