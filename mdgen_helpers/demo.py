@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from mdgen_helpers.env import cpu_thread_policy
+from mdgen_helpers.env import cpu_thread_policy, load_average, usable_cores
 from mdgen_helpers.errors import MdgenError
 from mdgen_helpers.settings import ENV_PREFIX, ENV_SEP
 from mdgen_helpers.files import atomic_write_text, read_json
@@ -110,9 +110,9 @@ def run_demo(profile: str = "cpu-demo", work_dir: str | Path = "mdgen_runs/demo"
     out = work_dir / "executed"
     out.mkdir(parents=True, exist_ok=True)
     env = notebook_env(profile, work_dir, data_dir, vavae_path, overrides)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    print(f"[demo] threads: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (usable cores {len(os.sched_getaffinity(0))}, "
-          f"load average {load:.1f}: one thread per core no other process is busy on)", flush=True)
+    why = ("set by you" if "OMP_NUM_THREADS" in os.environ else
+           f"usable cores {usable_cores()}, load average {load_average():.1f}: one per core no other process is busy on")
+    print(f"[demo] threads: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} ({why})", flush=True)
     timings, executed = {}, []
     total_start = time.perf_counter()
     for name in notebooks:

@@ -161,6 +161,16 @@ def notebook_launcher_status(num_processes: int) -> tuple[str, str]:
 _IMPORTED_AT = time.time()
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_average() -> float:
+    """The 1-minute load average (0 where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def cpu_thread_policy(environ=None, load: float | None = None) -> dict[str, str]:
     """OpenMP threads for a CPU run that may share its machine: one per usable core that no other
     process is busy on (1-minute load average), with the default wait policy. Why, measured
@@ -169,9 +179,8 @@ def cpu_thread_policy(environ=None, load: float | None = None) -> dict[str, str]
     slower), 1 thread runs 156 either way, and PASSIVE waits give 139 loaded but cost 44% quiet.
     Values the user already set are kept."""
     environ = os.environ if environ is None else environ
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = usable_cores()
+    load = load_average() if load is None else load
     busy = min(cores - 1, max(0, int(round(load))))
     return {"OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", str(cores - busy))}
 

@@ -38,3 +38,15 @@ def test_notebook_kernels_get_one_thread_per_free_core(monkeypatch):
     assert 1 <= int(notebook_env("cpu-demo", "w")["OMP_NUM_THREADS"]) <= cores
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert notebook_env("cpu-demo", "w")["OMP_NUM_THREADS"] == "3"
+
+
+def test_run_demo_says_which_thread_count_it_chose(tmp_path, monkeypatch, capsys):
+    """The demo prints its thread choice and why, and returns it (no notebooks run here)."""
+    monkeypatch.setattr(demo, "export_report", lambda executed, out, title: out)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    res = demo.run_demo(work_dir=tmp_path, notebooks=())
+    out = capsys.readouterr().out
+    assert f"OMP_NUM_THREADS={res['threads']} (usable cores" in out
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert demo.run_demo(work_dir=tmp_path, notebooks=())["threads"] == "1"
+    assert "(set by you)" in capsys.readouterr().out
