@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from mdgen_helpers import c2st as c2st_mod, data
 from mdgen_helpers.classifier import load_images, load_split_part
-from mdgen_helpers.generate import image_seed, load_generator, sample_latents, write_dataset_jpeg
+from mdgen_helpers.generate import decode_to_uint8, image_seed, load_generator, sample_latents, write_dataset_jpeg
 from mdgen_helpers.metrics import psnr
 from mdgen_helpers.settings import SamplingSettings
 from mdgen_helpers.tokenizers import ColormapPCATokenizer, load_tokenizer
@@ -81,10 +81,6 @@ class ResidualTexture:
         return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work_dir", required=True)
@@ -110,7 +106,7 @@ def main(argv=None) -> int:
             print(f"real: C2ST {res['accuracy']:.3f} [{res['interval'][0]:.3f}, {res['interval'][1]:.3f}]", flush=True)
             continue
         if side == "recon":
-            images = to_uint8(tok.decode(tok.encode(x)[0]))
+            images = decode_to_uint8(tok, tok.encode(x)[0])
         elif side == "texture":
             images = texture.decode(tok.encode(x)[0])
         elif side == "generated+texture":

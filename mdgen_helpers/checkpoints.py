@@ -1,6 +1,9 @@
 """The training run folder, in one place: what `train` writes and `generate` reads.
 
     RUN/ema.safetensors                 EMA weights; metadata = everything sampling needs
+    RUN/ema_best.safetensors            the EMA at the lowest EMA validation loss so far (same
+                                        metadata + `val_loss_ema`, `export: best`); what
+                                        generation samples by default (`SamplingSettings.weights`)
     RUN/config.json                     the same metadata, readable
     RUN/checkpoints/step_0000100/       Accelerate `save_state` + ema_state.safetensors, fsynced,
                                         then complete.json (written last), then the rename
@@ -34,6 +37,8 @@ CKPT_DIR = "checkpoints"
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 COMPLETE = "complete.json"
 EMA_NAME = "ema.safetensors"
+BEST_NAME = "ema_best.safetensors"
+WEIGHTS = ("best", "last")
 EMA_STATE = "ema_state.safetensors"  # the EMA inside a checkpoint folder (pickle-free, not an Accelerate custom state)
 CONFIG_NAME = "config.json"
 EMA_FORMAT = "mdgen-dit-ema-v1"
@@ -56,6 +61,30 @@ def write_ema(run_dir, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
     path = atomic_save_safetensors(state_dict, Path(run_dir) / EMA_NAME, metadata=meta)
     write_config(run_dir, meta)
     return path
+
+
+def write_best(run_dir, state_dict: dict[str, torch.Tensor], meta: dict, val_loss: float) -> Path:
+    """RUN/ema_best.safetensors: the EMA of the validation with the lowest EMA val loss. On small
+    data the last EMA can be a memorised one; this is the one that generalised best to val."""
+    return atomic_save_safetensors(state_dict, Path(run_dir) / BEST_NAME,
+                                   metadata={**meta, "val_loss_ema": float(val_loss), "export": "best"})
+
+
+def reconcile_best(run_dir, best_step: int | None) -> bool:
+    """On resume: remove an ema_best.safetensors that the checkpoint's record does not name (written
+    by validations after the checkpoint, in a session that was then killed), so the best file is
+    never one the resumed run cannot account for. Returns whether it removed one."""
+    path = Path(run_dir) / BEST_NAME
+    if not path.is_file():
+        return False
+    try:
+        step = load_safetensors_metadata(path).get("step")
+    except Exception:  # noqa: BLE001 - a damaged file is removed like a stale one
+        step = None
+    if best_step is not None and step == best_step:
+        return False
+    path.unlink()
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +239,7 @@ def copy_run(src, dst) -> Path | None:
     trust.scan_checkpoint_folder(newest)
     digest = trust.folder_sha256(newest)
     dst.mkdir(parents=True, exist_ok=True)
-    for name in (EMA_NAME, CONFIG_NAME, "metrics.jsonl"):
+    for name in (EMA_NAME, BEST_NAME, CONFIG_NAME, "metrics.jsonl"):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     target = dst / newest.relative_to(src)
@@ -239,9 +268,17 @@ class EmaFile:
     meta: dict[str, Any]
 
 
-def resolve_ema(path) -> Path:
-    """A RUN directory or its ema.safetensors -> the ema.safetensors file."""
+def resolve_ema(path, weights: str = "last") -> Path:
+    """A RUN directory (its best or last EMA export) or an EMA file -> the file. A run that never
+    validated has no best export: its last one is used, and said."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"unknown weights {weights!r}; choose one of {list(WEIGHTS)}")
     path = Path(path)
+    if path.is_dir() and weights == "best":
+        if (path / BEST_NAME).is_file():
+            return path / BEST_NAME
+        if (path / EMA_NAME).is_file():
+            print(f"note: {path} has no {BEST_NAME} (the run never validated): sampling its last EMA")
     if path.is_dir():
         path = path / EMA_NAME
         if not path.is_file():
@@ -268,9 +305,9 @@ def is_ema_file(path) -> Path | None:
     return None
 
 
-def read_ema(path) -> EmaFile:
+def read_ema(path, weights: str = "last") -> EmaFile:
     """Weights and metadata of a run's EMA export, refusing files that lack the metadata."""
-    path = resolve_ema(path)
+    path = resolve_ema(path, weights)
     try:
         meta = load_safetensors_metadata(path)
         state = load_file(str(path))
@@ -283,7 +320,8 @@ def read_ema(path) -> EmaFile:
             f"mdgen EMA checkpoint (official LightningDiT weights need conversion through train.py)."
         )
     newest = latest_checkpoint(path.parent)
-    if newest is not None and (newest / EMA_STATE).is_file() and not _export_is_current(newest, meta):
+    stale = newest is not None and (newest / EMA_STATE).is_file() and not _export_is_current(newest, meta)
+    if stale and meta.get("export") != "best":  # a best export is older than the newest checkpoint by design
         # A run killed between its last checkpoint and the export (or an attached, read-only run
         # in that state): sample from the newest complete checkpoint's EMA, never the stale file.
         print(f"note: {path} (step {meta.get('step')}) is older than the complete checkpoint {newest}; "

@@ -98,9 +98,11 @@ class Generator:
         return labels
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """Load the EMA weights and the metadata train.py stored with them; the model is in eval mode."""
-    ema = checkpoints.read_ema(path)
+def load_generator(path: str | Path, device: str | torch.device = "cpu",
+                   weights: str = SamplingSettings.weights) -> Generator:
+    """Load the EMA weights (of a run folder: its `weights` export, best or last) and the metadata
+    train.py stored with them; the model is in eval mode."""
+    ema = checkpoints.read_ema(path, weights)
     path, meta = ema.path, ema.meta
     trust.require_finite(ema.state_dict, f"EMA weights in {path}")
     user_map = UserMap.from_json(meta["user_map"])
@@ -495,7 +497,7 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--user_ids", type=int, nargs="+", default=None, help="1-based user ids (default: all)")
     parser.add_argument("--num_samples_per_user", type=int, default=4)
     add_arguments(parser, SamplingSettings, types_={
-        "solver": {"choices": sorted(SOLVERS)},
+        "solver": {"choices": sorted(SOLVERS)}, "weights": {"choices": list(checkpoints.WEIGHTS)},
         "guidance_interval": {"type": float, "nargs": 2, "metavar": ("START", "END")}})
     parser.add_argument("--export_dataset", action="store_true", help="also write dataset/ID_k/gen_NNNN.jpg")
     parser.add_argument("--overwrite", action="store_true",
@@ -507,11 +509,11 @@ def add_cli_arguments(parser) -> None:
 def cli_main(args) -> int:
     # Under `accelerate launch` / torchrun each process gets its own device from Accelerate.
     device = torch.device(args.device) if args.device else PartialState(cpu=not torch.cuda.is_available()).device
-    gen = load_generator(args.dit_checkpoint, device)
+    sampling = apply(SamplingSettings(), given(args, SamplingSettings))
+    gen = load_generator(args.dit_checkpoint, device, sampling.weights)
     if not Path(args.tokenizer).exists():
         raise MdgenError(f"tokenizer file {args.tokenizer} does not exist")
     tokenizer = load_tokenizer(args.tokenizer, device)
-    sampling = apply(SamplingSettings(), given(args, SamplingSettings))
     manifest = generate_images(
         gen, tokenizer, args.output_dir, args.user_ids, args.num_samples_per_user, sampling,
         export_dataset=args.export_dataset, tokenizer_path=str(args.tokenizer), progress=not args.no_progress,

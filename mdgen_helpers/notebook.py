@@ -47,7 +47,7 @@ def load_for_sampling(paths: RunPaths, profile: Profile, vavae_path: str | None 
     made its latents (here, or notebook 01's attached output; checked to be the same one), both on
     `device` (default: CUDA when present); and the tokenizer's file."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gen = load_generator(inputs.locate("run", paths), device=device)
+    gen = load_generator(inputs.locate("run", paths), device=device, weights=profile.sampling.weights)
     tok_file = inputs.locate_tokenizer(paths, profile, vavae_path)
     tok = load_tokenizer(tok_file, device=device)
     check_tokenizer(gen, tok)

@@ -179,8 +179,8 @@ def generate(paths: RunPaths, profile: Profile, tokenizer_file, user_ids=None, n
     WORK/run (or `run_dir`, e.g. notebook 02's attached output); skipped when its manifest already
     records the same checkpoint, tokenizer and settings."""
     device = device or ("cuda" if _cuda() else "cpu")
-    gen = gen_mod.load_generator(run_dir or paths.run, device=device)
     settings = sampling or profile.sampling
+    gen = gen_mod.load_generator(run_dir or paths.run, device=device, weights=settings.weights)
     n = int(num_samples_per_user or profile.num_samples_per_user)
     users = list(user_ids) if user_ids else list(gen.user_map.user_ids)
     manifest_path = paths.generated / "manifest.json"

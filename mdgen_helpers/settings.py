@@ -156,6 +156,10 @@ class SamplingSettings:
         "apply guidance only for t in [START, END] (t=0 noise, t=1 data)"))
     seed: int = 0
     batch_size: int = 64
+    # The EMA with the lowest validation loss, not the last: on few images a long run ends memorising
+    # (train's ema_best.safetensors; a run that never validated has only its last).
+    weights: str = field(default="best", metadata=_help(
+        "which EMA of a run folder: best (lowest EMA validation loss) | last"))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,6 +170,7 @@ class SamplingSettings:
             "guidance_interval": [float(v) for v in self.guidance_interval],
             "seed": int(self.seed),
             "batch_size": int(self.batch_size),
+            "weights": str(self.weights),
             **_SAMPLING_NOTES,
         }
 

@@ -467,7 +467,7 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
     if cfg.resume and resume_from is None and os.environ.get("RANK", "0") == "0":
         print(f"note: --resume found no complete checkpoint in {out / checkpoints.CKPT_DIR}; starting from step 0",
               flush=True)
-    state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "best_val": None, "bad_vals": 0}
+    state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "best_val": None, "best_step": None, "bad_vals": 0}
     if resume_from is not None:
         state = _check_resume(checkpoints.checked_resume_folder(resume_from), dit.model_config(model), data, cfg, world)
     state["init"] = init_info["init"]
@@ -516,7 +516,11 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
         _truncate_metrics(out / "metrics.jsonl", state["step"])
         if resume_from is not None:  # an export older than the checkpoint (killed after the rename) is redone
             checkpoints.export_ema(resume_from, out)
+            if checkpoints.reconcile_best(out, state["best_step"]):
+                print(f"note: removed {checkpoints.BEST_NAME}: it came from validations after {resume_from.name} "
+                      "(a killed session); the resumed run writes a new one when its EMA val loss improves", flush=True)
         else:
+            (out / checkpoints.BEST_NAME).unlink(missing_ok=True)  # a fresh run never samples an older run's best
             checkpoints.write_config(out, _ema_metadata(mcfg, data, cfg, 0, state["init"]))
     if cfg.tensorboard:
         accelerator.init_trackers("mdgen", config={k: v for k, v in cfg.to_json().items()
@@ -630,7 +634,10 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
             _log(accelerator, metrics_path, rec, cfg.tensorboard)
             # Early stopping on the EMA val loss: identical on every rank (reduced sums), so all stop together.
             if state["best_val"] is None or last_val < state["best_val"]:
-                state["best_val"], state["bad_vals"] = last_val, 0
+                state["best_val"], state["best_step"], state["bad_vals"] = last_val, step, 0
+                if main:  # the EMA that generalises best so far: what generation samples by default
+                    checkpoints.write_best(out, ema.module.state_dict(),
+                                           _ema_metadata(mcfg, data, cfg, step, state["init"]), last_val)
             else:
                 state["bad_vals"] += 1
             if cfg.early_stop_patience and state["bad_vals"] >= cfg.early_stop_patience and step < max_steps:
@@ -665,6 +672,7 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
     result = {
         "step": step, "max_steps": max_steps, "stopped": stop_reason, "skipped_steps": skipped,
         "final_loss": losses[-1] if losses else None, "losses": losses, "val_loss_ema": last_val,
+        "best_val_loss_ema": state["best_val"], "best_step": state["best_step"],
         "checkpoint": str(checkpoints.latest_checkpoint(out)), "ema": str(out / checkpoints.EMA_NAME), "precision": mixed,
         "num_processes": P, "global_batch": global_batch, "resumed_from": str(resume_from) if resume_from else None,
         "compile": compile_note,
@@ -726,7 +734,7 @@ def _save_checkpoint(accelerator, ema, out: Path, step: int, skipped: int, state
         if main:
             atomic_save_safetensors(ema.state_dict(), tmp / checkpoints.EMA_STATE)
             meta = _ema_metadata(mcfg, data, cfg, step, state.get("init", ""))
-            marker = {**meta, "skipped_steps": skipped, "best_val": state.get("best_val"),
+            marker = {**meta, "skipped_steps": skipped, "best_val": state.get("best_val"), "best_step": state.get("best_step"),
                       "bad_vals": state.get("bad_vals", 0), "num_processes": accelerator.num_processes,
                       "global_batch": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -779,4 +787,5 @@ def _check_resume(folder: Path, mcfg: dict, data: TrainData, cfg: TrainConfig, w
         print(f"note: resuming with global batch {gb} instead of {marker['global_batch']}: training continues, "
               "but the data order no longer repeats the original run exactly", file=sys.stderr)
     return {"step": int(marker["step"]), "skipped_steps": int(marker.get("skipped_steps", 0)),
-            "best_val": marker.get("best_val"), "bad_vals": int(marker.get("bad_vals", 0))}
+            "best_val": marker.get("best_val"), "best_step": marker.get("best_step"),
+            "bad_vals": int(marker.get("bad_vals", 0))}

@@ -29,16 +29,19 @@ SHAPE = (32, 16, 16)
 
 
 def write_latents(out: Path, n_train=8, n_val=4, users=2, tokenizer="standin-pca:test", split_hash="split-A",
-                  seed=0, stats=True, val_split_hash=None, val_is_train=False) -> Path:
-    """A latent directory as `latents.extract_latents` writes it: structured per-user latents."""
+                  seed=0, stats=True, val_split_hash=None, val_is_train=False, val_unlike_train=False) -> Path:
+    """A latent directory as `latents.extract_latents` writes it: structured per-user latents
+    (`val_unlike_train`: val drawn around other centres, so fitting train makes val worse)."""
     g = torch.Generator().manual_seed(seed)
     umap = UserMap.from_folders([f"ID_{k + 1}" for k in range(users)])
     centres = torch.randn((users, *SHAPE), generator=g) * 2 + 0.5
+    other = torch.randn((users, *SHAPE), generator=torch.Generator().manual_seed(seed + 1)) * 2 + 0.5
 
     def part(name, n, sh, z=None):
         labels = torch.arange(n) % users
         if z is None:
-            z = centres[labels] + 0.3 * torch.randn((n, *SHAPE), generator=g)
+            c = other if (name == "val" and val_unlike_train) else centres
+            z = c[labels] + 0.3 * torch.randn((n, *SHAPE), generator=g)
         files = [f"ID_{int(lab) + 1}/{name}_{i:03d}.jpg" for i, lab in enumerate(labels)]
         meta = {"format": latents.FORMAT, "tokenizer": tokenizer, "split_hash": sh, "user_map": umap.to_json(),
                 "files": files, "part": name, "image_size": 256, "latent_shape": list(SHAPE)}
@@ -147,6 +150,76 @@ def test_killed_mid_save_leaves_previous_checkpoint_usable(ldir, tmp_path):
     # A fresh run into a directory with checkpoints is refused rather than silently mixed.
     with pytest.raises(MdgenError, match="--resume"):
         train(cfg_for(ldir, out, max_steps=3))
+
+
+def _val_losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss_ema"] for r in recs if "val_loss_ema" in r}
+
+
+def test_best_ema_is_the_validation_minimum_and_generation_samples_it(memorise_dir, tmp_path, capsys):
+    """ema_best.safetensors holds the EMA of the validation with the lowest EMA val loss (here a
+    val set of other latents of the same users, and a learning rate that overfits after a few
+    steps: the minimum is before the end), and generation samples it unless told `last`."""
+    from mdgen_helpers import checkpoints
+    from mdgen_helpers.generate import load_generator
+
+    ldir = write_latents(tmp_path / "lat", n_train=4, n_val=8, seed=3, val_unlike_train=True)
+    out = tmp_path / "run"
+    res = train(cfg_for(ldir, out, max_steps=40, lr=2e-2, warmup_steps=1, val_every=4, ckpt_every=4, batch_size=4,
+                        ema_decay=0.5, ema_warmup=False, model_overrides={**TINY, "hidden_size": 128}))
+    vals = _val_losses(out)
+    best_step = min(vals, key=vals.get)
+    assert best_step < 40, vals  # the run got worse on val after its best point
+    assert res["best_step"] == best_step and res["best_val_loss_ema"] == vals[best_step]
+    meta = load_safetensors_metadata(out / checkpoints.BEST_NAME)
+    assert meta["step"] == best_step and meta["export"] == "best" and meta["val_loss_ema"] == vals[best_step]
+    # Its weights are the EMA of that step's checkpoint, bit for bit.
+    ckpt_ema = checkpoints.read_ema_state(checkpoints.step_folder(out, best_step))
+    best = load_file(str(out / checkpoints.BEST_NAME))
+    assert all(torch.equal(best[k], ckpt_ema["module." + k]) for k in best)
+    # Generation: best by default, last on request; a best export is never "stale".
+    assert load_generator(out).step == best_step
+    assert load_generator(out, weights="last").step == 40
+    assert "older than the complete checkpoint" not in capsys.readouterr().out
+    with pytest.raises(MdgenError, match="unknown weights"):
+        load_generator(out, weights="newest")
+
+
+def test_run_without_validation_samples_its_last_ema_and_says_so(ldir, tmp_path, capsys):
+    from mdgen_helpers import checkpoints
+    from mdgen_helpers.generate import load_generator
+
+    out = tmp_path / "run"
+    train(cfg_for(ldir, out, max_steps=2, val_every=0))
+    assert not (out / checkpoints.BEST_NAME).exists()
+    assert load_generator(out).step == 2
+    assert "never validated" in capsys.readouterr().out
+
+
+def test_resume_drops_a_best_export_its_checkpoint_does_not_name(ldir, tmp_path, capsys):
+    """A session killed after a validation but before the next checkpoint leaves a best file the
+    resumed run cannot account for: it is removed, and the resumed run writes its own."""
+    from mdgen_helpers import checkpoints
+
+    out = tmp_path / "run"
+    train(cfg_for(ldir, out, max_steps=4, val_every=2, ckpt_every=2))
+    best = out / checkpoints.BEST_NAME
+    marker = checkpoints.read_marker(checkpoints.step_folder(out, 4))
+    assert load_safetensors_metadata(best)["step"] == marker["best_step"]
+    # An untouched best file survives a resume.
+    train(cfg_for(ldir, out, max_steps=4, val_every=2, ckpt_every=2, resume=True))
+    assert best.is_file() and "removed" not in capsys.readouterr().out
+    # A best file from steps the checkpoint never saw is removed.
+    sd, meta = load_file(str(best)), load_safetensors_metadata(best)
+    atomic_save_safetensors(sd, best, {**meta, "step": 99})
+    res = train(cfg_for(ldir, out, max_steps=6, val_every=2, ckpt_every=2, resume=True))
+    assert f"removed {checkpoints.BEST_NAME}" in capsys.readouterr().out
+    vals = _val_losses(out)
+    if res["best_step"] == 6:  # the resumed run improved: its own best file
+        assert load_safetensors_metadata(best)["step"] == 6
+    else:
+        assert not best.exists() and min(vals, key=vals.get) <= 4
 
 
 def test_time_budget_stops_with_a_checkpoint_and_resumes(ldir, tmp_path):
