@@ -65,11 +65,11 @@ class Profile:
         return dataclasses.asdict(self)
 
 
-# What the two CPU profiles share: the tiny model, trained for minutes. Eager, not compiled: on the
-# demo's model the compiled step is ~1.35x faster, but a cold compile takes ~80 s of a ~3 min
-# training (benchmarks/README.md), so it would not pay for itself.
+# What the two CPU profiles share: the tiny model, trained for minutes. Eager (TrainConfig's default,
+# compile off): on the demo's model the compiled step is ~1.35x faster, but a cold compile takes
+# ~80 s of a ~3 min training (benchmarks/README.md), so it would not pay for itself.
 _CPU_TRAIN = dict(preset="tiny", model_overrides={"patch_size": 4}, max_epochs=None, lr=3e-4, warmup_steps=50,
-                  log_every=25, val_every=250, ckpt_every=500, compile=False)
+                  log_every=25, val_every=250, ckpt_every=500)
 # Three seeds and 60 steps for every classifier (matched compute across arms): the arms, the
 # 128 px classifier and the 256 px two-sample test fit the CPU demo's budget.
 _CPU_EVAL = dict(image_size=64, epochs=15, steps=60, seeds=(0, 1, 2), synthetic_per_user=(0, 10))
@@ -102,10 +102,10 @@ PROFILES: dict[str, Profile] = {
                           # val loss (ema_best.safetensors), and 5 validations (10k steps) without a new
                           # best end the run (README, "Which weights are sampled").
                           early_stop_patience=5,
-                          # Not yet: compile is unmeasured on a T4 with Kaggle's torch, under two-process
-                          # DDP (benchmarks/bench_gpu.py measures S/2 fp16 eager vs compiled: turn it on
-                          # when that wins; a failed compile falls back to eager by itself).
-                          compile=False),
+                          # compile stays off (the default): unmeasured on a T4 with Kaggle's torch, under
+                          # two-process DDP (benchmarks/bench_gpu.py measures S/2 fp16 eager vs compiled:
+                          # turn it on when that wins; a failed compile falls back to eager by itself).
+                          ),
         sampling=SamplingSettings(num_steps=50, solver="heun", batch_size=128),
         num_samples_per_user=50,
         eval=EvalConfig(image_size=128, epochs=30, seeds=(0, 1, 2), synthetic_per_user=(0, 25, 50, 100),

@@ -368,7 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: Iterable[str] =
         if name in skip:
             continue
         tp = hints_by_name[name]
-        base, _ = _unwrap_optional(tp)
+        base, optional = _unwrap_optional(tp)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", "")
@@ -392,10 +392,28 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: Iterable[str] =
         elif typing.get_origin(base) is dict or base is dict:
             kw.update(type=json.loads, metavar="JSON")
         else:
-            kw.update(type=base)
+            kw.update(type=_none_or(base) if optional else base)
         if name in required:
             kw.update(required=True)
         parser.add_argument(*flags, **kw)
+
+
+class _ExplicitNone:
+    """What `--field none` parses to: argparse's None already means "flag not given"."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+EXPLICIT_NONE = _ExplicitNone()
+
+
+def _none_or(base):
+    """The flag parser of an optional scalar field: 'none' clears it (e.g. --max_epochs none)."""
+    def parse(text: str):
+        return EXPLICIT_NONE if text.strip().lower() == "none" else base(text)
+    parse.__name__ = f"{base.__name__} or none"  # argparse names it in its error message
+    return parse
 
 
 def given(args: argparse.Namespace, cls, nested: bool = False, skip: Iterable[str] = ()) -> dict[str, Any]:
@@ -406,5 +424,5 @@ def given(args: argparse.Namespace, cls, nested: bool = False, skip: Iterable[st
     for name in names:
         value = getattr(args, name, None)
         if value is not None and name not in skip:
-            out[name] = tuple(value) if isinstance(value, list) else value
+            out[name] = None if value is EXPLICIT_NONE else tuple(value) if isinstance(value, list) else value
     return out

@@ -64,6 +64,23 @@ def test_train_flags_map_to_config_fields():
     assert cfg.max_epochs == TrainConfig().max_epochs  # not given: the one default
 
 
+def test_an_optional_setting_can_be_cleared_from_the_command_line(capsys):
+    """`--max_epochs none` lifts the epoch limit (argparse's None means "not given", so it needs
+    its own word); a non-number is still a one-line usage error."""
+    from mdgen_helpers.launch import config_from_args
+
+    argv = ["train", "--latent_dir", "L", "--output_dir", "R", "--max_epochs", "none", "--max_steps", "50"]
+    cfg = config_from_args(cli.build_parser(argv).parse_args(argv))
+    assert cfg.max_epochs is None and cfg.max_steps == 50 and TrainConfig().max_epochs is not None
+    argv = ["pipeline", "--output_dir", "o", "--train.max_steps", "None"]
+    assert settings.given(cli.build_parser(argv).parse_args(argv), get_profile().__class__, nested=True)[
+        "train.max_steps"] is None
+    argv = ["train", "--latent_dir", "L", "--output_dir", "R", "--max_epochs", "lots"]
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser(argv).parse_args(argv)
+    assert e.value.code == 2 and "invalid int or none value: 'lots'" in capsys.readouterr().err
+
+
 def test_pipeline_flags_reach_the_nested_profile(monkeypatch):
     from mdgen_helpers import pipeline
 
