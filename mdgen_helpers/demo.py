@@ -42,6 +42,17 @@ def notebook_env(profile: str, work_dir: str | Path, data_dir: str | None = None
     return env
 
 
+def check_settings(env: dict[str, str]) -> None:
+    """Build the profile the notebooks will build from `env`, here and first: a misspelt field or
+    value, or an unknown simulator style, stops the demo in one line instead of in notebook 01."""
+    from mdgen_helpers.profiles import get_profile
+    from mdgen_helpers.simulate import get_style
+
+    profile = get_profile(environ={**os.environ, **env})
+    if env.get("MDGEN_SIMULATE"):
+        get_style(profile.sim_style)
+
+
 def execute_notebook(src: Path, dst: Path, env: dict[str, str], timeout: int = 3600) -> float:
     """Execute `src` in a fresh kernel with `env` (cwd = notebooks/), save it to `dst`; seconds taken.
 
@@ -110,6 +121,7 @@ def run_demo(profile: str = "cpu-demo", work_dir: str | Path = "mdgen_runs/demo"
     out = work_dir / "executed"
     out.mkdir(parents=True, exist_ok=True)
     env = notebook_env(profile, work_dir, data_dir, vavae_path, overrides)
+    check_settings(env)
     why = ("set by you" if "OMP_NUM_THREADS" in os.environ else
            f"usable cores {usable_cores()}, load average {load_average():.1f}: one per core no other process is busy on")
     print(f"[demo] threads: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} ({why})", flush=True)

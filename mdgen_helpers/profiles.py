@@ -114,15 +114,17 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str | None = None, **overrides: Any) -> Profile:
+def get_profile(name: str | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Profile:
     """The named profile (default: $MDGEN_PROFILE or cpu-demo) with overrides applied: first the
     environment (`MDGEN_<FIELD>`, `MDGEN_<SECTION>__<FIELD>`, e.g. MDGEN_TRAIN__MAX_STEPS=200, so
     a headless notebook run can be tuned without editing it), then `overrides` (dotted names,
-    e.g. `**{"train.max_steps": 200}`, or nested dicts)."""
-    name = name or os.environ.get("MDGEN_PROFILE") or "cpu-demo"
+    e.g. `**{"train.max_steps": 200}`, or nested dicts). `environ` stands in for os.environ (the
+    demo checks the settings its notebooks will see before it starts them)."""
+    environ = os.environ if environ is None else environ
+    name = name or environ.get("MDGEN_PROFILE") or "cpu-demo"
     if name not in PROFILES:
         raise MdgenError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
-    from_env = env_overrides(Profile, ignore=NOTEBOOK_VARIABLES)
+    from_env = env_overrides(Profile, environ, ignore=NOTEBOOK_VARIABLES)
     for key in ("name", "extra"):
         if key in from_env:
             raise MdgenError(f"MDGEN_{key.upper()} cannot be set from the environment; use MDGEN_PROFILE")

@@ -50,3 +50,22 @@ def test_run_demo_says_which_thread_count_it_chose(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert demo.run_demo(work_dir=tmp_path, notebooks=())["threads"] == "1"
     assert "(set by you)" in capsys.readouterr().out
+
+
+def test_a_misspelt_setting_stops_the_demo_before_any_notebook(tmp_path, monkeypatch, capsys):
+    """`demo --set sim_style=mmwav` (or an unknown field) is a one-line error, exit code 2, before
+    notebook 01 starts: the notebooks would only find out minutes in."""
+    from mdgen_helpers import cli
+
+    ran = []
+    monkeypatch.setattr(demo, "execute_notebook", lambda *a, **k: ran.append(a) or 0.0)
+    for bad, says in (("sim_style=mmwav", "unknown simulator style 'mmwav'"),
+                      ("train.max_stepz=3", "max_stepz"), ("train.max_steps=many", "many")):
+        assert cli.main(["demo", "--work_dir", str(tmp_path), "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert says.lower() in err.lower() and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert ran == []
+    # spelt right, the same setting passes the check and the notebooks start
+    monkeypatch.setattr(demo, "export_report", lambda executed, out, title: out)
+    assert cli.main(["demo", "--work_dir", str(tmp_path), "--set", "sim_style=mmwave"]) == 0
+    assert len(ran) == len(demo.NOTEBOOKS) and ran[0][2]["MDGEN_SIM_STYLE"] == "mmwave"
