@@ -636,8 +636,9 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
             if state["best_val"] is None or last_val < state["best_val"]:
                 state["best_val"], state["best_step"], state["bad_vals"] = last_val, step, 0
                 if main:  # the EMA that generalises best so far: what generation samples by default
-                    checkpoints.write_best(out, ema.module.state_dict(),
-                                           _ema_metadata(mcfg, data, cfg, step, state["init"]), last_val)
+                    with trust.disk_full_guard(out, f"the best EMA export of step {step}"):
+                        checkpoints.write_best(out, ema.module.state_dict(),
+                                               _ema_metadata(mcfg, data, cfg, step, state["init"]), last_val)
             else:
                 state["bad_vals"] += 1
             if cfg.early_stop_patience and state["bad_vals"] >= cfg.early_stop_patience and step < max_steps:
