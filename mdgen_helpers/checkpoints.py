@@ -278,7 +278,8 @@ def resolve_ema(path, weights: str = "last") -> Path:
         if (path / BEST_NAME).is_file():
             return path / BEST_NAME
         if (path / EMA_NAME).is_file():
-            print(f"note: {path} has no {BEST_NAME} (the run never validated): sampling its last EMA")
+            print(f"note: {path} has no {BEST_NAME} (it never validated, or predates best exports): "
+                  "sampling its last EMA")
     if path.is_dir():
         path = path / EMA_NAME
         if not path.is_file():

@@ -194,7 +194,7 @@ def test_run_without_validation_samples_its_last_ema_and_says_so(ldir, tmp_path,
     train(cfg_for(ldir, out, max_steps=2, val_every=0))
     assert not (out / checkpoints.BEST_NAME).exists()
     assert load_generator(out).step == 2
-    assert "never validated" in capsys.readouterr().out
+    assert "never validated" in capsys.readouterr().out  # and samples the last
 
 
 def test_resume_drops_a_best_export_its_checkpoint_does_not_name(ldir, tmp_path, capsys):
