@@ -2,8 +2,8 @@
 
     RUN/ema.safetensors                 EMA weights; metadata = everything sampling needs
     RUN/ema_best.safetensors            the EMA at the lowest EMA validation loss so far (same
-                                        metadata + `val_loss_ema`, `export: best`); what
-                                        generation samples by default (`SamplingSettings.weights`)
+                                        metadata + `val_loss_ema`, `export: best`); sampled
+                                        with `SamplingSettings.weights = "best"`
     RUN/config.json                     the same metadata, readable
     RUN/checkpoints/step_0000100/       Accelerate `save_state` + ema_state.safetensors, fsynced,
                                         then complete.json (written last), then the rename

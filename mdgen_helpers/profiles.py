@@ -98,10 +98,6 @@ PROFILES: dict[str, Profile] = {
         train=TrainConfig(preset="S/2", batch_size=128, max_steps=40000, max_epochs=None, lr=1e-4, warmup_steps=1000,
                           ema_decay=0.9995, devices=2, precision="auto", log_every=100, val_every=2000,
                           ckpt_every=2000, preview_every=2000, time_budget=11.5,
-                          # ~3,100 epochs over 3,255 latents: generation samples the EMA with the lowest
-                          # val loss (ema_best.safetensors), and 5 validations (10k steps) without a new
-                          # best end the run (README, "Which weights are sampled").
-                          early_stop_patience=5,
                           # compile stays off (the default): unmeasured on a T4 with Kaggle's torch, under
                           # two-process DDP (benchmarks/bench_gpu.py measures S/2 fp16 eager vs compiled:
                           # turn it on when that wins; a failed compile falls back to eager by itself).

@@ -635,7 +635,7 @@ def train(cfg: TrainConfig, *, loss_hook: Callable[[int, torch.Tensor], torch.Te
             # Early stopping on the EMA val loss: identical on every rank (reduced sums), so all stop together.
             if state["best_val"] is None or last_val < state["best_val"]:
                 state["best_val"], state["best_step"], state["bad_vals"] = last_val, step, 0
-                if main:  # the EMA that generalises best so far: what generation samples by default
+                if main:  # the EMA that generalises best so far (generation samples it with weights="best")
                     with trust.disk_full_guard(out, f"the best EMA export of step {step}"):
                         checkpoints.write_best(out, ema.module.state_dict(),
                                                _ema_metadata(mcfg, data, cfg, step, state["init"]), last_val)

@@ -157,10 +157,10 @@ def _val_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss_ema"] for r in recs if "val_loss_ema" in r}
 
 
-def test_best_ema_is_the_validation_minimum_and_generation_samples_it(memorise_dir, tmp_path, capsys):
+def test_best_ema_is_the_validation_minimum_and_sampled_on_request(tmp_path, capsys):
     """ema_best.safetensors holds the EMA of the validation with the lowest EMA val loss (here a
-    val set of other latents of the same users, and a learning rate that overfits after a few
-    steps: the minimum is before the end), and generation samples it unless told `last`."""
+    val set unlike the train set, so that fitting train makes val worse after a few steps: the
+    minimum is before the end); generation samples it when told `best`, the last EMA by default."""
     from mdgen_helpers import checkpoints
     from mdgen_helpers.generate import load_generator
 
@@ -178,23 +178,23 @@ def test_best_ema_is_the_validation_minimum_and_generation_samples_it(memorise_d
     ckpt_ema = checkpoints.read_ema_state(checkpoints.step_folder(out, best_step))
     best = load_file(str(out / checkpoints.BEST_NAME))
     assert all(torch.equal(best[k], ckpt_ema["module." + k]) for k in best)
-    # Generation: best by default, last on request; a best export is never "stale".
-    assert load_generator(out).step == best_step
-    assert load_generator(out, weights="last").step == 40
+    # Generation: the last EMA by default, the best on request; a best export is never "stale".
+    assert load_generator(out).step == 40
+    assert load_generator(out, weights="best").step == best_step
     assert "older than the complete checkpoint" not in capsys.readouterr().out
     with pytest.raises(MdgenError, match="unknown weights"):
         load_generator(out, weights="newest")
 
 
-def test_run_without_validation_samples_its_last_ema_and_says_so(ldir, tmp_path, capsys):
+def test_asked_for_best_a_run_without_validation_samples_its_last_ema_and_says_so(ldir, tmp_path, capsys):
     from mdgen_helpers import checkpoints
     from mdgen_helpers.generate import load_generator
 
     out = tmp_path / "run"
     train(cfg_for(ldir, out, max_steps=2, val_every=0))
     assert not (out / checkpoints.BEST_NAME).exists()
-    assert load_generator(out).step == 2
-    assert "never validated" in capsys.readouterr().out  # and samples the last
+    assert load_generator(out, weights="best").step == 2
+    assert "never validated" in capsys.readouterr().out
 
 
 def test_resume_drops_a_best_export_its_checkpoint_does_not_name(ldir, tmp_path, capsys):
