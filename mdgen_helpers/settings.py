@@ -158,8 +158,8 @@ class SamplingSettings:
     batch_size: int = 64
     # The last EMA, not the one with the lowest validation loss (train's ema_best.safetensors): in
     # the few-shot regime, where they differ, the val-loss minimum (step 300 of 1200) gave a smaller
-    # augmentation gain (+0.052 vs +0.085) and synthetic-only accuracy (0.17 vs 0.22) than the last
-    # EMA, whose val loss had risen 35% (benchmarks/README.md, "Best EMA by validation loss").
+    # augmentation gain (+0.052 vs +0.085; 31 users: -0.016 vs +0.025) and synthetic-only accuracy
+    # than the last EMA, whose val loss had risen 35% (benchmarks/README.md, "Best EMA by validation loss").
     weights: str = field(default="last", metadata=_help(
         "which EMA of a run folder: last | best (lowest EMA validation loss, ema_best.safetensors)"))
 
