@@ -320,9 +320,10 @@ def read_ema(path, weights: str = "last") -> EmaFile:
             f"{path} lacks the metadata {missing} that train.py writes into {EMA_NAME}; it is not an "
             f"mdgen EMA checkpoint (official LightningDiT weights need conversion through train.py)."
         )
-    newest = latest_checkpoint(path.parent)
-    stale = newest is not None and (newest / EMA_STATE).is_file() and not _export_is_current(newest, meta)
-    if stale and meta.get("export") != "best":  # a best export is older than the newest checkpoint by design
+    # A best export is older than the newest checkpoint by design: only the last one can be stale
+    # (and only then is the checkpoint's EMA state hashed).
+    newest = None if meta.get("export") == "best" else latest_checkpoint(path.parent)
+    if newest is not None and (newest / EMA_STATE).is_file() and not _export_is_current(newest, meta):
         # A run killed between its last checkpoint and the export (or an attached, read-only run
         # in that state): sample from the newest complete checkpoint's EMA, never the stale file.
         print(f"note: {path} (step {meta.get('step')}) is older than the complete checkpoint {newest}; "
